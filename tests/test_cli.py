@@ -1,0 +1,143 @@
+"""The CLI contract: commands, exit codes (0 ok, 1 run failure, 2 bad input) and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import write_toy_dataset
+from nlpbd.cli import app
+
+FAST = ["--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.max_length=32",
+        "--set", "eval.floor=false"]
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """Two cells (none, ft) run through the CLI into one results directory."""
+    root = tmp_path_factory.mktemp("cli")
+    dataset = write_toy_dataset(root / "toy")
+    results = root / "results"
+    runner = CliRunner()
+    outcomes = []
+    for defense in ("none", "ft"):
+        args = ["run", "--attack", "badnet", "--defense", defense, "--dataset", str(dataset), "--model", "tiny-bert",
+                "--results-dir", str(results), "--cache-dir", str(root / "cache"), "--quiet", *FAST,
+                "--set", "ft.epochs=1"] if defense == "ft" else \
+               ["run", "--attack", "badnet", "--defense", defense, "--dataset", str(dataset), "--model", "tiny-bert",
+                "--results-dir", str(results), "--cache-dir", str(root / "cache"), "--quiet", *FAST]
+        outcomes.append(runner.invoke(app, args))
+    return dataset, results, outcomes
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_line_error(result, code: int, *fragments: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_run_writes_records(ran):
+    _, results, outcomes = ran
+    assert [o.exit_code for o in outcomes] == [0, 0], [o.output for o in outcomes]
+    assert len(list((results / "records").glob("*.json"))) == 2
+
+
+def test_table_formats(ran):
+    _, results, _ = ran
+    rows = json.loads(invoke("table", "--results-dir", str(results), "--format", "json").output)
+    assert {r["defense"] for r in rows} == {"none", "ft"}
+    for key in ("dataset", "model", "attack", "defense", "seed", "cacc", "asr"):
+        assert all(key in r for r in rows)
+    csv_rows = list(csv.DictReader(io.StringIO(invoke("table", "--results-dir", str(results), "-f", "csv").output)))
+    assert len(csv_rows) == 1 and "none_cacc" in csv_rows[0] and "ft_asr" in csv_rows[0]
+    markdown = invoke("table", "--results-dir", str(results), "-f", "md").output
+    assert markdown.count("|") > 6 and "ft" in markdown
+    latex = invoke("table", "--results-dir", str(results), "-f", "latex").output
+    assert "\\begin{tabular}" in latex
+    rich_view = invoke("table", "--results-dir", str(results))
+    assert rich_view.exit_code == 0 and "badnet" in rich_view.output
+
+
+def test_table_writes_a_file(ran, tmp_path):
+    _, results, _ = ran
+    target = tmp_path / "t.md"
+    assert invoke("table", "--results-dir", str(results), "-f", "md", "-o", str(target)).exit_code == 0
+    assert "none" in target.read_text()
+
+
+def test_ls_lists_everything():
+    result = invoke("ls")
+    assert result.exit_code == 0
+    for name in ("badnet", "addsent", "synbkd", "stylebkd", "none", "ft", "sst2", "olid", "agnews", "minilm",
+                 "tiny-bert"):
+        assert name in result.output
+    settings = invoke("ls", "badnet")
+    assert settings.exit_code == 0 and "attack.poison_rate" in settings.output
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["run", "--attack", "badnett"], ["unknown attack 'badnett'", "Did you mean 'badnet'"]),
+    (["run", "--attack", "badnet", "--defense", "fine-tune"], ["unknown defense", "Did you mean"]),
+    (["run", "--attack", "badnet", "--dataset", "sst"], ["unknown dataset 'sst'", "sst2"]),
+    (["run", "--attack", "badnet", "--model", "minilmm"], ["unknown model 'minilmm'", "Did you mean 'minilm'"]),
+    (["run", "--attack", "badnet", "--set", "attack.rate=0.2"], ["unknown setting 'attack.rate'", "attack.poison_rate"]),
+    (["run", "--attack", "badnet", "--set", "nonsense"], ["--set expects key=value"]),
+    (["run", "--attack", "badnet", "--set", "attack.poison_rate=abc"], ["expected a number"]),
+    (["run", "--attack", "badnet", "--set", "attack.poison_rate=1.5"], ["out of range"]),
+    (["run", "--attack", "badnet", "--train-size", "0"], ["--train-size"]),
+    (["run", "--attack", "badnet", "--data-dir", "/nonexistent/dir"], ["/nonexistent/dir"]),
+    (["run", "--attack", "badnet", "--dataset", "/nonexistent/folder"], ["does not exist"]),
+    (["ls", "badnett"], ["Did you mean 'badnet'"]),
+])
+def test_bad_input_is_one_line_and_exit_2(args, fragments):
+    assert_one_line_error(invoke(*args), 2, *fragments)
+
+
+def test_malformed_dataset_file_names_file_and_line(tmp_path):
+    folder = write_toy_dataset(tmp_path / "bad")
+    lines = (folder / "train.tsv").read_text().splitlines()
+    lines[5] = lines[5].split("\t")[0] + "\tpositive"
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n")
+    result = invoke("run", "--attack", "badnet", "--dataset", str(folder), "--model", "tiny-bert")
+    assert_one_line_error(result, 2, "train.tsv line 6", "not an integer")
+
+
+def test_table_without_records_is_an_input_error(tmp_path):
+    assert_one_line_error(invoke("table", "--results-dir", str(tmp_path)), 2, "run `nlpbd run` first")
+    assert_one_line_error(invoke("table", "--results-dir", str(tmp_path / "missing")), 2)
+
+
+def test_unknown_table_metric_suggests(ran):
+    _, results, _ = ran
+    assert_one_line_error(invoke("table", "--results-dir", str(results), "--metrics", "cac"), 2, "cacc")
+
+
+def test_run_failure_exits_1(tmp_path, monkeypatch):
+    dataset = write_toy_dataset(tmp_path / "toy")
+
+    def explode(*_args, **_kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr("nlpbd.pipeline.train_classifier", explode)
+    result = invoke("run", "--attack", "badnet", "--dataset", str(dataset), "--model", "tiny-bert",
+                    "--results-dir", str(tmp_path / "r"), "--quiet", *FAST)
+    assert result.exit_code == 1
+    assert "simulated crash" in result.output and "Traceback" not in result.output
+    record = json.loads(next((tmp_path / "r" / "records").glob("*.json")).read_text())
+    assert record["status"] == "failed" and "simulated crash" in record["error"]
+
+
+def test_version():
+    assert invoke("--version").output.startswith("nlpbd ")

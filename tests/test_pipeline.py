@@ -1,0 +1,103 @@
+"""A whole cell on the tiny model: records, victim reuse, cache invalidation, failure records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import toy_texts, write_toy_dataset
+from nlpbd.cache import ArtifactCache
+from nlpbd.errors import InputError
+from nlpbd.pipeline import CellSpec, RunEnv, run_cell
+from nlpbd.results import load_records
+
+FAST = {"train.epochs": "2", "train.batch_size": "16", "train.max_length": "32"}
+
+
+@pytest.fixture
+def toy_dataset(tmp_path) -> Path:
+    return write_toy_dataset(tmp_path / "toy")
+
+
+@pytest.fixture
+def env(tmp_path) -> RunEnv:
+    return RunEnv(results_dir=tmp_path / "results", cache=ArtifactCache(tmp_path / "cache"))
+
+
+def cell(dataset: Path, defense: str = "none", **overrides: str) -> CellSpec:
+    return CellSpec(attack="badnet", defense=defense, dataset=str(dataset), model="tiny-bert",
+                    overrides={**FAST, **overrides})
+
+
+def test_record_counts_are_consistent(toy_dataset, env):
+    record = run_cell(cell(toy_dataset), env)
+    metrics = record["metrics"]
+    assert record["status"] == "ok"
+    assert metrics["cacc"] == pytest.approx(metrics["clean_correct"] / metrics["n_clean"])
+    assert metrics["asr"] == pytest.approx(metrics["poison_hits"] / metrics["n_poison"])
+    test_labels = toy_texts(60, seed=2).labels
+    assert metrics["n_poison"] == sum(1 for y in test_labels if y != 1)  # only non-target rows
+    assert metrics["n_clean"] == 60
+    assert record["attack_info"]["n_p"] == 20  # floor(0.1 * 200): the denominator is the whole train split
+    assert metrics["asr_floor"] is not None and 0.0 <= metrics["asr_floor"] <= 1.0
+    assert record["budget"]["n_c"] == 10  # ceil(0.05 * 200)
+    saved = json.loads((env.results_dir / "records" / f"{record['cell_id']}.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+
+
+def test_post_training_defense_reuses_the_victim(toy_dataset, env):
+    first = run_cell(cell(toy_dataset, "none"), env)
+    second = run_cell(cell(toy_dataset, "ft", **{"defense.epochs": "1"}), env)
+    assert first["timings"]["victim"]["cached"] is False
+    assert second["timings"]["victim"]["cached"] is True
+    assert second["timings"]["victim"]["original_seconds"] == pytest.approx(
+        first["timings"]["victim"]["seconds"], rel=0.5)
+    assert second["victim"]["key"] == first["victim"]["key"]
+    assert second["metrics"]["victim_asr"] == first["metrics"]["asr"]
+    assert {r["cell"]["defense"] for r in load_records(env.results_dir)} == {"none", "ft"}
+
+
+@pytest.mark.parametrize("change", [{"attack.triggers": "mn"}, {"attack.poison_rate": "0.2"},
+                                    {"train.lr": "0.002"}])
+def test_settings_that_matter_retrain_the_victim(toy_dataset, env, change):
+    base = run_cell(cell(toy_dataset), env)
+    changed = run_cell(cell(toy_dataset, **change), env)
+    assert changed["timings"]["victim"]["cached"] is False
+    assert changed["victim"]["key"] != base["victim"]["key"]
+    assert changed["cell_id"] != base["cell_id"]
+
+
+def test_same_seed_gives_the_same_numbers(toy_dataset, tmp_path):
+    records = []
+    for name in ("a", "b"):  # separate caches: both runs really train
+        env = RunEnv(results_dir=tmp_path / name / "results", cache=ArtifactCache(tmp_path / name / "cache"))
+        records.append(run_cell(cell(toy_dataset), env))
+    keys = ("cacc", "asr", "clean_correct", "poison_hits", "asr_floor")
+    assert [records[0]["metrics"][k] for k in keys] == [records[1]["metrics"][k] for k in keys]
+
+
+def test_rerun_replaces_the_record(toy_dataset, env):
+    first = run_cell(cell(toy_dataset), env)
+    second = run_cell(cell(toy_dataset), env)
+    assert first["cell_id"] == second["cell_id"]
+    assert len(load_records(env.results_dir)) == 1
+
+
+def test_bad_settings_fail_before_any_work(toy_dataset, env):
+    with pytest.raises(InputError, match="Did you mean 'attack.poison_rate'"):
+        run_cell(cell(toy_dataset, **{"attack.poison_rat": "0.2"}), env)
+    with pytest.raises(InputError, match="out of range"):
+        run_cell(cell(toy_dataset, **{"attack.poison_rate": "0"}), env)
+    assert not (env.results_dir / "records").exists()
+    assert not (env.cache.root / "victim").exists()
+
+
+def test_failure_inside_a_cell_is_recorded(toy_dataset, env):
+    # synbkd needs side files the toy dataset does not have: the cell fails after validation.
+    spec = CellSpec(attack="synbkd", defense="none", dataset=str(toy_dataset), model="tiny-bert", overrides=FAST)
+    with pytest.raises(InputError, match="synbkd"):
+        run_cell(spec, env)
+    (record,) = load_records(env.results_dir)
+    assert record["status"] == "failed" and "synbkd" in record["error"]

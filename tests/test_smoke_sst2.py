@@ -1,0 +1,66 @@
+"""Behaviour on real data: SST-2 subset, the real offline model (MiniLM), the real CLI.
+
+BadNet without defense must reach a high ASR; BTU must lower it measurably on the same cached
+victim. Marked slow (a few minutes on 2 CPU cores); CI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import SHARED_DATA
+from nlpbd.cli import app
+from nlpbd.methods import DEFENSES
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(), reason="no benchmark data")]
+
+TRAIN_SIZE = "2000"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke")
+
+
+def run(workdir, defense: str, *extra: str) -> dict:
+    args = ["run", "--attack", "badnet", "--defense", defense, "--dataset", "sst2", "--train-size", TRAIN_SIZE,
+            "--data-dir", str(SHARED_DATA), "--results-dir", str(workdir / "results"),
+            "--cache-dir", str(workdir / "cache"), "--quiet", *extra]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = {json.loads(p.read_text())["cell"]["defense"]: json.loads(p.read_text())
+               for p in (workdir / "results" / "records").glob("*.json")}
+    return records[defense]
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir) -> dict:
+    return run(workdir, "none")
+
+
+def test_badnet_without_defense_is_a_strong_attack(baseline):
+    metrics = baseline["metrics"]
+    assert metrics["asr"] >= 0.90
+    assert metrics["cacc"] >= 0.78
+    assert metrics["asr_floor"] < 0.5  # the clean model does not predict the target on triggered rows
+    assert baseline["flags"] == {"weak_attack": False, "degraded_victim": False}
+    assert metrics["n_clean"] == 1821 and metrics["n_poison"] == 912
+
+
+def test_ft_reuses_the_victim(workdir, baseline):
+    record = run(workdir, "ft")
+    assert record["timings"]["victim"]["cached"] is True
+    assert record["metrics"]["victim_asr"] == baseline["metrics"]["asr"]
+
+
+@pytest.mark.skipif("btu" not in DEFENSES, reason="BTU not registered")
+def test_btu_lowers_asr_on_the_same_victim(workdir, baseline):
+    record = run(workdir, "btu")
+    metrics = record["metrics"]
+    assert record["timings"]["victim"]["cached"] is True
+    assert metrics["asr"] <= baseline["metrics"]["asr"] - 0.3
+    assert metrics["cacc"] >= baseline["metrics"]["cacc"] - 0.05

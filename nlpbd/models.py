@@ -59,10 +59,15 @@ class ModelSpec:
 MODELS: Registry[ModelSpec] = Registry("model")
 
 
+# The tokenizer is part of a model's identity: the same weights with another vocabulary are another model.
+IDENTITY_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "merges.txt", "vocab.json")
+
+
 def weights_digest(directory: Path) -> str:
-    """sha256 over a model directory's weight and config files, memoised next to the weights' stat."""
+    """sha256 over a model directory's weight, config and tokenizer files."""
     files = sorted(p for p in directory.iterdir()
-                   if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+                   if p.suffix in (".safetensors", ".bin") or p.name in IDENTITY_FILES)
     if not files:
         raise InputError(f"{directory}: no model weights (model.safetensors) found")
     h = hashlib.sha256()

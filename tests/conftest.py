@@ -13,6 +13,15 @@ from nlpbd.methods import CleanBudget
 from nlpbd.models import TINY_DEFAULTS, build_tiny_bert, load_classifier, local_ref
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """Tiny models train many times faster on one thread than on oversubscribed cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own artifact cache; the tiny model is shared through NLPBD_CACHE's parent."""

@@ -7,8 +7,10 @@ victim. Marked slow (a few minutes on 2 CPU cores); CI runs it.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from helpers import SHARED_DATA
@@ -23,7 +25,11 @@ TRAIN_SIZE = "2000"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("smoke")
+    """The real model uses every core (the suite default is one thread for tiny models)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield tmp_path_factory.mktemp("smoke")
+    torch.set_num_threads(previous)
 
 
 def run(workdir, defense: str, *extra: str) -> dict:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -226,7 +227,7 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
                                     env.device, "training the victim")
         stage.cached(state.victim)
     tokenizer = load_tokenizer(cell.model)
-    victim_preds = _predict(cell, env, load_victim(state.victim, cell.dataset.num_labels), tokenizer, state)
+    victim_preds = _artifact_predictions(cell, env, state, state.victim, tokenizer)
     victim_metrics = attack_metrics(victim_preds, cell.dataset.test, state.poisoned.asr_set)
     metrics = _defend(cell, env, state, tokenizer, victim_preds)
     metrics.update(victim_cacc=victim_metrics["cacc"], victim_asr=victim_metrics["asr"],
@@ -243,6 +244,22 @@ def _predict(cell: Cell, env: RunEnv, model: PreTrainedModel, tokenizer, state: 
     with state.clock.stage("evaluate", accumulate=True):
         return predict_cell(model, tokenizer, cell.dataset.test, state.poisoned.asr_set, cell.train.max_length,
                             cell.train.eval_batch_size, env.device)
+
+
+def _artifact_predictions(cell: Cell, env: RunEnv, state: CellState, artifact: Artifact, tokenizer) -> Predictions:
+    """Predictions of a cached model on the test and ASR sets, cached too: every defense cell of a
+    victim needs the undefended numbers, and every cell of a dataset the clean model's."""
+    payload = {"model": artifact.meta["key"], "test": cell.dataset.test.digest(),
+               "asr_set": state.poisoned.asr_set.digest(), "max_length": cell.train.max_length}
+
+    def build(tmp: Path) -> dict:
+        preds = _predict(cell, env, load_victim(artifact, cell.dataset.num_labels), tokenizer, state)
+        (tmp / "predictions.json").write_text(_json({"clean": preds.clean.tolist(), "poisoned": preds.poisoned.tolist()}))
+        return {}
+
+    found = env.cache.get_or_build("predictions", payload, build)
+    data = _load_json(found.path / "predictions.json")
+    return Predictions(np.asarray(data["clean"], dtype=int), np.asarray(data["poisoned"], dtype=int))
 
 
 def _context(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> DefenseContext:
@@ -288,7 +305,7 @@ def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
         artifact = train_victim(cell, env.cache, cell.model, cell.dataset.train, clean_key, env.device,
                                 "training the clean reference model")
         stage.cached(artifact)
-    preds = _predict(cell, env, load_victim(artifact, cell.dataset.num_labels), tokenizer, state)
+    preds = _artifact_predictions(cell, env, state, artifact, tokenizer)
     clean = attack_metrics(preds, cell.dataset.test, state.poisoned.asr_set)
     return {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"]}
 
@@ -316,7 +333,8 @@ def _record(cell: Cell, env: RunEnv, state: CellState, status: str, error: str |
         "cell": cell.identity,
         "metrics": state.metrics,
         "flags": _flags(cell, state.metrics),
-        "attack_info": {**(poisoned.info if poisoned else {}), "poison_key": state.poison_key,
+        "attack_info": {**(poisoned.info if poisoned else {}), "threat_model": cell.attack.threat_model.value,
+                        "poison_key": state.poison_key,
                         "asr_set_size": len(poisoned.asr_set) if poisoned else None},
         "defense_info": {**state.defense_info, "stage": cell.defense.stage.value,
                          "grants": sorted(cell.defense.grants), "version": cell.defense.version},

@@ -27,6 +27,7 @@ from nlpbd.config import (BudgetConfig, DataConfig, EvalConfig, TrainConfig, app
                           parse_set_options, split_overrides, to_dict)
 from nlpbd.data import Dataset, TextSplit, load_dataset, stratified_sample
 from nlpbd.errors import InputError, NlpbdError, RunError
+from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
 from nlpbd.evaluation import Predictions, attack_metrics, evaluate_with_detector, predict_cell
 from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, DataPoisoningAttack, Defense, DefenseContext,
                            InferenceDefense, PoisonedData, RepairDefense, TrainingDefense)
@@ -38,7 +39,6 @@ from nlpbd.training import TrainSetup, default_device, resolve_train_config, tra
 
 log = logging.getLogger(__name__)
 
-FINETUNE_METHODS = ("full",)
 VICTIM_TRAINER_VERSION = "1"
 
 
@@ -72,6 +72,7 @@ class Cell:
     spec: CellSpec
     dataset: Dataset
     model: ModelRef
+    finetune: FinetuneMethod
     attack: Attack
     defense: Defense
     train: TrainConfig
@@ -101,22 +102,27 @@ def sections_for(attack: str, defense: str) -> dict[str, list[str]]:
 def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
     """Resolve names and settings; raises InputError before any expensive work."""
     attack_cls, defense_cls = ATTACKS.get(spec.attack), DEFENSES.get(spec.defense)
-    if spec.finetune not in FINETUNE_METHODS:
-        raise InputError(f"fine-tuning method '{spec.finetune}' is not available; valid: {', '.join(FINETUNE_METHODS)}")
+    finetune = FINETUNE.get(spec.finetune)
     if spec.seed < 0:
         raise InputError(f"--seed must be >= 0, got {spec.seed}")
     if spec.train_size is not None and spec.train_size <= 0:
         raise InputError(f"--train-size must be positive, got {spec.train_size}")
+    if finetune.is_peft and not finetune.mergeable and defense_cls.name != "none" and \
+            issubclass(defense_cls, (RepairDefense, TrainingDefense)):
+        raise InputError(f"defense '{spec.defense}' edits the victim's weights and cannot run on a {finetune.name} "
+                         "victim: its virtual tokens live outside the weights and cannot be merged "
+                         "(use --finetune full or lora)")
     raw = spec.overrides if isinstance(spec.overrides, dict) else parse_set_options(list(spec.overrides))
     grouped = split_overrides(raw, sections_for(spec.attack, spec.defense))
     attack = attack_cls(apply_overrides(attack_cls.Config(), grouped["attack"], "attack"))
     defense = defense_cls(apply_overrides(defense_cls.Config(), grouped["defense"], "defense"))
     data_config = apply_overrides(DataConfig(), grouped["data"], "data")
     model = resolve_model(spec.model)
-    train = resolve_train_config(apply_overrides(TrainConfig(), grouped["train"], "train"), model.defaults)
+    train = resolve_train_config(apply_overrides(TrainConfig(), grouped["train"], "train"),
+                                 finetune.defaults or model.defaults)
     check_fields(train, "train")
     dataset = load_dataset(spec.dataset, env.data_dir, data_config, spec.train_size)
-    return Cell(spec, dataset, model, attack, defense, train,
+    return Cell(spec, dataset, model, finetune, attack, defense, train,
                 apply_overrides(BudgetConfig(), grouped["budget"], "budget"),
                 apply_overrides(EvalConfig(), grouped["eval"], "eval"))
 
@@ -167,19 +173,26 @@ def train_victim(cell: Cell, cache: ArtifactCache, start: ModelRef, train: TextS
 
     def build(tmp: Path) -> dict:
         began = time.perf_counter()
-        seed_everything(cell.spec.seed, "init")  # the new head's initialisation
-        model = load_classifier(start, cell.dataset.num_labels)
+        seed_everything(cell.spec.seed, "init")  # the new head's (and adapter's) initialisation
+        model = wrap(load_classifier(start, cell.dataset.num_labels), cell.finetune)
         tokenizer = load_tokenizer(start)
         result = train_classifier(model, tokenizer, train, cell.dataset.dev, cell.train, cell.spec.seed,
                                   device=device, setup=TrainSetup(description=description))
-        save_model(model.cpu(), tokenizer, tmp)
-        return {"seconds": time.perf_counter() - began, "train": result.as_dict()}
+        save_model(model.cpu(), tokenizer, tmp)  # a PEFT victim saves its adapter only
+        return {"seconds": time.perf_counter() - began, "train": result.as_dict(), "base": start.location,
+                "finetune": cell.finetune.name, "trainable_parameters": trainable_parameter_count(model)}
 
     return cache.get_or_build("victim", victim_payload(cell, start, data_key), build)
 
 
 def load_victim(artifact: Artifact, num_labels: int) -> PreTrainedModel:
-    return load_classifier(str(artifact.path), num_labels)
+    method = FINETUNE.get(artifact.meta.get("finetune", "full"))
+    return load_trained(artifact.path, artifact.meta.get("base", ""), num_labels, method)
+
+
+def load_plain_victim(artifact: Artifact, num_labels: int, defense: str) -> tuple[PreTrainedModel, dict]:
+    """The victim as a plain model for weight-editing defenses (LoRA merged; prompt types refused)."""
+    return plain_model(load_victim(artifact, num_labels), defense)
 
 
 # --- the cell -------------------------------------------------------------------------------------
@@ -265,7 +278,7 @@ def _artifact_predictions(cell: Cell, env: RunEnv, state: CellState, artifact: A
 def _context(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> DefenseContext:
     """Only what the defense's threat model grants; the poisoned data object itself is never passed."""
     objects = {"budget": state.budget, "pretrained": cell.model, "train_set": state.poisoned.train,
-               "victim_factory": lambda: load_victim(state.victim, cell.dataset.num_labels)}
+               "victim_factory": lambda: load_plain_victim(state.victim, cell.dataset.num_labels, cell.defense.name)[0]}
     granted = frozenset(cell.defense.grants)
     return DefenseContext(seed=cell.spec.seed, num_labels=cell.dataset.num_labels, tokenizer=tokenizer,
                           train_config=cell.train, device=env.device, granted=granted,
@@ -286,15 +299,17 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
             metrics = evaluate_with_detector(victim_preds, detector, test, asr_set)
         state.defense_info = {**detector.info, "scores": metrics.pop("scores")}
         return metrics
+    peft_info: dict = {}
     with state.clock.stage("defense_fit"):
         if isinstance(defense, RepairDefense):
-            outcome = defense.repair(load_victim(state.victim, cell.dataset.num_labels), ctx)
+            model, peft_info = load_plain_victim(state.victim, cell.dataset.num_labels, defense.name)
+            outcome = defense.repair(model, ctx)
         elif isinstance(defense, TrainingDefense):
             outcome = defense.train(ctx)
         else:
             raise InputError(f"defense '{defense.name}' ({defense.stage.value}) is not supported by this "
                              "version of the pipeline")
-    state.defense_info = outcome.info
+    state.defense_info = {**outcome.info, **peft_info}
     return attack_metrics(_predict(cell, env, outcome.model, tokenizer, state), test, asr_set)
 
 

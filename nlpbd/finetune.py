@@ -1,0 +1,92 @@
+"""Fine-tuning methods of the victim: full fine-tuning and PEFT (``peft`` library).
+
+Configurations follow the PSIM reference (defenses.md §6.2): LoRA r=8, alpha=16, dropout 0.1 on
+query/value; prompt tuning and P-tuning with 5 virtual tokens (P-tuning encoder hidden 128); prefix
+tuning with 5 virtual tokens. With ``task_type="SEQ_CLS"`` the classification head is trainable
+through ``modules_to_save``; the backbone (pooler included) stays frozen. PEFT victims use the
+reference's lr 2e-3 and 20 epochs (best clean-dev epoch), far more than full fine-tuning needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from peft import (LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
+                  get_peft_model)
+from transformers import PreTrainedModel
+
+from nlpbd.errors import InputError
+from nlpbd.models import TrainDefaults, load_classifier
+from nlpbd.registry import Registry
+
+PEFT_DEFAULTS = TrainDefaults(lr=2e-3, epochs=20)
+
+
+@dataclass(frozen=True)
+class FinetuneMethod:
+    name: str
+    description: str
+    peft_config: Callable[[], PeftConfig] | None = None  # None: full fine-tuning
+    defaults: TrainDefaults | None = None  # None: the model's own defaults
+    mergeable: bool = False  # weights can be folded back into a plain model (LoRA)
+
+    @property
+    def is_peft(self) -> bool:
+        return self.peft_config is not None
+
+
+FINETUNE: Registry[FinetuneMethod] = Registry("fine-tuning method")
+
+for _method in [
+    FinetuneMethod("full", "full fine-tuning of every parameter (shared victim recipe)"),
+    FinetuneMethod("lora", "LoRA r=8, alpha=16, dropout 0.1 on query/value; head trainable",
+                   lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1),
+                   PEFT_DEFAULTS, mergeable=True),
+    FinetuneMethod("prompt", "prompt tuning: 5 trainable virtual token embeddings; head trainable",
+                   lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5), PEFT_DEFAULTS),
+    FinetuneMethod("ptuning", "P-tuning: 5 virtual tokens from an MLP prompt encoder (hidden 128); head trainable",
+                   lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=5, encoder_hidden_size=128),
+                   PEFT_DEFAULTS),
+    FinetuneMethod("prefix", "prefix tuning: 5 virtual key/value tokens per layer; head trainable",
+                   lambda: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5, encoder_hidden_size=128),
+                   PEFT_DEFAULTS),
+]:
+    FINETUNE.add(_method.name, _method)
+
+
+def wrap(model: PreTrainedModel, method: FinetuneMethod) -> PreTrainedModel:
+    """The model prepared for training with ``method`` (unchanged for full fine-tuning)."""
+    if not method.is_peft:
+        return model
+    return get_peft_model(model, method.peft_config())
+
+
+def load_trained(directory: Path, base_location: str, num_labels: int, method: FinetuneMethod) -> PreTrainedModel:
+    """A trained victim: a full checkpoint, or the base model plus its saved adapter."""
+    if not method.is_peft:
+        return load_classifier(str(directory), num_labels)
+    return PeftModel.from_pretrained(load_classifier(base_location, num_labels), str(directory))
+
+
+def plain_model(model: PreTrainedModel, defense: str) -> tuple[PreTrainedModel, dict]:
+    """The victim as a plain transformers model for weight-editing defenses (defenses.md §0.2).
+
+    LoRA is merged into the weights; prompt-type adapters cannot be merged, so weight defenses refuse
+    them with the reason.
+    """
+    if not isinstance(model, PeftModel):
+        return model, {}
+    peft_type = str(model.peft_config["default"].peft_type.value).lower()
+    if peft_type == "lora":
+        merged = model.merge_and_unload()
+        for parameter in merged.parameters():  # PEFT froze the backbone; a weight defense owns all of it
+            parameter.requires_grad_(True)
+        return merged, {"peft": "lora merged into the weights before the defense"}
+    raise InputError(f"defense '{defense}' edits weights and cannot run on a {peft_type} victim: its virtual "
+                     "tokens live outside the model weights and cannot be merged (use --finetune full or lora)")
+
+
+def trainable_parameter_count(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -36,6 +36,21 @@ class TableFormat(str, Enum):
     json = "json"
 
 
+class GroupBy(str, Enum):
+    none = "none"
+    threat_model = "threat-model"
+
+
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class PlotFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+
+
 class RichReporter:
     """Progress bars for long steps, drawn on stderr and removed when each step ends."""
 
@@ -167,27 +182,44 @@ def _record_summary(record: dict) -> Table:
 def table(
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
     fmt: TableFormat = typer.Option(TableFormat.rich, "--format", "-f", help="rich (terminal), csv, md, latex, json"),
-    metrics: str = typer.Option("cacc,asr", "--metrics", help="comma-separated metrics, e.g. cacc,asr,asr_floor"),
+    metrics: str = typer.Option("cacc,asr", "--metrics", help="comma-separated metrics by key or label: cacc, asr, "
+                                "aasr, masr, frr, far, auroc, delta_cacc (ΔCAcc), delta_asr (ΔASR), asr_floor, "
+                                "defense_seconds (time)"),
+    group_by: GroupBy = typer.Option(GroupBy.none, "--group-by", help="one table per threat model "
+                                     "(threat-model), with only its own defenses as columns"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also aggregate failed records"),
 ) -> None:
-    """Render all records of a results directory: rows dataset/model/attack, columns defense × metric."""
+    """Render all records of a results directory: rows dataset/model/attack, columns defense × metric (mean ± std over seeds)."""
     configure_logging(True, False)
     with cli_errors():
         from nlpbd import results
 
-        frame = results.records_frame(results.load_records(results_dir))
+        frame = results.records_frame(results.load_records(results_dir), context=True)
         if frame.empty:
             raise InputError(f"no records in {results_dir / results.RECORDS_SUBDIR}; run `nlpbd run` first")
         if fmt is TableFormat.json:
             _emit(results.export_json(frame), output)
             return
-        summary = results.summary_table(frame, [m.strip() for m in metrics.split(",") if m.strip()],
-                                        include_failed=include_failed)
+        names = [results.metric_key(m) for m in metrics.split(",") if m.strip()]
+        if group_by is not GroupBy.none:
+            _emit_groups(results, frame, names, fmt, output, include_failed, results_dir)
+            return
+        summary = results.summary_table(frame, names, include_failed=include_failed)
         if fmt is TableFormat.rich and output is None:
             out.print(results.render_rich(summary, title=f"nlpbd results: {results_dir}"))
             return
         _emit(results.export_table(summary, "md" if fmt is TableFormat.rich else fmt.value), output)
+
+
+def _emit_groups(results, frame, metrics: list[str], fmt: TableFormat, output: Path | None, include_failed: bool,
+                 results_dir: Path) -> None:
+    groups = results.grouped_summaries(frame, metrics, "threat_model", include_failed=include_failed)
+    if fmt is TableFormat.rich and output is None:
+        for rendered in results.render_rich_groups(groups, title=f"nlpbd results: {results_dir}"):
+            out.print(rendered)
+        return
+    _emit(results.export_groups(groups, "md" if fmt is TableFormat.rich else fmt.value), output)
 
 
 def _emit(text: str, output: Path | None) -> None:
@@ -198,6 +230,232 @@ def _emit(text: str, output: Path | None) -> None:
 
     atomic_write_text(output, text)
     err.print(f"wrote {output}")
+
+
+# --- grids ---------------------------------------------------------------------------------------
+
+
+class GridView:
+    """The live view of a grid run: cells done / running / failed / remaining with an ETA, and below
+    it the steps of the cell running in this process. Also a ``progress.Reporter`` for those steps."""
+
+    def __init__(self, console: Console, total: int, parallel: int):
+        from rich.console import Group
+        from rich.live import Live
+
+        self.console, self.total, self.parallel = console, total, max(1, parallel)
+        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+        self.running: set[str] = set()
+        self.cell_seconds: list[float] = []
+        self.cells = Progress(TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              TextColumn("{task.fields[status]}"), console=console)
+        self.steps = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeRemainingColumn(), console=console)
+        self.task_id = self.cells.add_task("cells", total=total, status="")
+        self.live = Live(Group(self.cells, self.steps), console=console, refresh_per_second=4)
+        self._refresh()
+
+    def __enter__(self) -> "GridView":
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.stop()
+
+    def cell_started(self, cell) -> None:
+        self.running.add(cell.cell_id)
+        self._refresh()
+
+    def cell_finished(self, cell, outcome) -> None:
+        self.running.discard(cell.cell_id)
+        self.counts[outcome.status] += 1
+        if outcome.status == "ok":
+            self.cell_seconds.append(outcome.seconds)
+        self.cells.advance(self.task_id)
+        mark = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[dim]done before[/]"}[outcome.status]
+        finished = sum(self.counts.values())
+        line = f"[{finished}/{self.total}] {mark} {cell.label}  ({_duration(outcome.seconds)})"
+        self.console.print(line + (f"\n    {outcome.error}" if outcome.error else ""), highlight=False)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        remaining = self.total - sum(self.counts.values())
+        eta = "–"
+        if self.cell_seconds and remaining:
+            eta = _duration(sum(self.cell_seconds) / len(self.cell_seconds) * remaining / self.parallel)
+        status = (f"[green]{self.counts['ok']} done[/] · [yellow]{len(self.running)} running[/] · "
+                  f"[red]{self.counts['failed']} failed[/] · {remaining} remaining · ETA {eta}")
+        self.cells.update(self.task_id, status=status)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator:
+        task_id = self.steps.add_task(description, total=total)
+        try:
+            yield lambda n=1: self.steps.advance(task_id, n)
+        finally:
+            self.steps.remove_task(task_id)
+
+
+class QuietGridView:
+    """``--quiet``: nothing but failures, on stderr."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def cell_started(self, cell) -> None:
+        pass
+
+    def cell_finished(self, cell, outcome) -> None:
+        if outcome.status == "failed":
+            self.console.print(f"failed: {cell.label}: {outcome.error}", highlight=False, markup=False)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _plan_table(plan, summary, results_dir: Path) -> Table:
+    grid = plan.grid
+    table = Table(title=f"grid {grid.name}: {grid.source}", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right", style="bold")
+    bound = "" if summary.victims_exact else "at most "
+    rows = [
+        ("cells", summary.cells),
+        (f"  already done (records in {results_dir})", summary.done),
+        ("  failed before" + ("" if plan.retry_failed else " (kept; --retry-failed reruns them)"), summary.failed),
+        ("  to run", summary.to_run),
+        ("victim groups (with cells to run)", f"{summary.groups} ({summary.groups_to_run})"),
+        ("victim trainings (not cached)", f"{bound}{summary.victims_to_train}"),
+        ("clean reference models (not cached)", summary.clean_models_to_train),
+        ("training-time defense runs", summary.training_defense_runs),
+        ("pretrained-model defense victims", summary.pretrained_defense_runs),
+        ("trainings in all", f"{bound}{summary.trainings}"),
+    ]
+    for what, count in rows:
+        table.add_row(what, str(count))
+    table.caption = f"{summary.trainings} trainings for {summary.to_run} cells to run"
+    return table
+
+
+def _grid_env(results_dir: Path, cache_dir: Optional[Path], data_dir: Optional[Path], device: Optional[str]):
+    from nlpbd.cache import ArtifactCache
+    from nlpbd.pipeline import RunEnv
+
+    return RunEnv(results_dir=results_dir, cache=ArtifactCache(cache_dir), data_dir=data_dir, device=_device(device))
+
+
+@app.command()
+def grid(
+    file: Path = typer.Argument(..., help="grid file (YAML), e.g. benchmarks/grids/smoke.yaml"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (cells, trainings) and run nothing"),
+    json_plan: bool = typer.Option(False, "--json", help="with --dry-run: the plan summary as JSON on stdout"),
+    executor: Executor = typer.Option(Executor.local, "--executor", help="local (this machine) or ray (a Ray "
+                                      "cluster: $RAY_ADDRESS, else a local Ray instance)"),
+    workers: int = typer.Option(1, "--workers", "-j", help="local: victim groups run in parallel processes "
+                                "(one GPU each when there are several)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="rerun cells whose record says failed"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (as for run)"),
+    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where records are written"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="artifact cache (default: $NLPBD_CACHE "
+                                             "or ~/.cache/nlpbd); shared storage for ray"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no live view; failures only"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+) -> None:
+    """Run every cell of a grid file, each victim trained once; finished cells are skipped on rerun."""
+    configure_logging(quiet, verbose)
+    with cli_errors():
+        from nlpbd.grid import load_grid, plan_grid, with_state
+
+        spec = load_grid(file, data_dir)
+        env = _grid_env(results_dir, cache_dir, data_dir, device)
+        plan = plan_grid(spec, env, retry_failed=retry_failed)
+        summary = plan.summary(env.cache)
+        if dry_run:
+            _print_plan(plan, summary, results_dir, json_plan)
+            return
+        if summary.to_run:
+            _run_grid(plan, env, executor, workers, device, quiet)
+        final = with_state(plan, results_dir).summary(env.cache)
+        if not quiet:
+            out.print(f"grid {spec.name}: {final.done} of {final.cells} cells ok, {final.failed} failed; "
+                      f"records in {results_dir / 'records'}", highlight=False)
+        if final.done != final.cells:
+            hint = "" if retry_failed else " (rerun with --retry-failed to retry them)"
+            err.print(f"{final.cells - final.done} cell(s) not ok{hint}", highlight=False)
+            raise typer.Exit(1)
+
+
+def _print_plan(plan, summary, results_dir: Path, as_json: bool) -> None:
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps({"grid": plan.grid.name, **summary.as_dict()}, indent=2) + "\n")
+        return
+    out.print(_plan_table(plan, summary, results_dir))
+
+
+def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str], quiet: bool) -> None:
+    from nlpbd import progress
+    from nlpbd.executors import run_plan
+
+    todo = plan.todo()
+    parallel = 1 if executor is Executor.local and workers == 1 else max(workers, 1)
+    in_process = executor is Executor.local and (workers == 1 or len(plan.todo_groups()) <= 1)
+    view = QuietGridView(err) if quiet else GridView(err, len(todo), parallel)
+    with contextlib.ExitStack() as stack:
+        if not quiet:
+            stack.enter_context(view)
+        reporter = view if in_process and not quiet else progress.NullReporter()
+        stack.enter_context(progress.using(reporter))
+        run_plan(plan, env, executor.value, workers, observer=view, device=device)
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="grid file (YAML)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (as for run)"),
+) -> None:
+    """Check a grid file without running anything: keys, names, types and every setting, with line numbers."""
+    configure_logging(True, False)
+    with cli_errors():
+        from nlpbd.cache import ArtifactCache
+        from nlpbd.grid import load_grid, plan_grid
+        from nlpbd.pipeline import RunEnv
+
+        spec = load_grid(file, data_dir)
+        env = RunEnv(results_dir=Path(os.devnull), cache=ArtifactCache(None), data_dir=data_dir)
+        plan = plan_grid(spec, env)
+        out.print(f"{file}: ok. grid {spec.name}: {len(plan.cells)} cells in {len(plan.groups)} victim groups "
+                  f"({len(spec.datasets)} datasets × {len(spec.models)} models × {len(spec.finetune)} fine-tuning × "
+                  f"{len(spec.attacks)} attacks × {len(spec.defenses)} defenses × {len(spec.seeds)} seeds"
+                  f"{', minus excludes' if spec.exclude else ''})", highlight=False)
+
+
+@app.command()
+def plot(
+    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="directory for the figures "
+                                          "(default: RESULTS_DIR/plots)"),
+    fmt: PlotFormat = typer.Option(PlotFormat.png, "--format", "-f", help="png or svg"),
+    include_failed: bool = typer.Option(False, "--include-failed", help="also use failed records"),
+) -> None:
+    """CAcc-versus-ASR scatter per dataset and model: a marker per attack, a colour per defense."""
+    configure_logging(True, False)
+    with cli_errors():
+        from nlpbd import results
+        from nlpbd.plot import save_plots
+
+        frame = results.records_frame(results.load_records(results_dir))
+        if frame.empty:
+            raise InputError(f"no records in {results_dir / results.RECORDS_SUBDIR}; run `nlpbd run` first")
+        for path in save_plots(frame, output or results_dir / "plots", fmt.value, include_failed):
+            out.print(f"wrote {path}", highlight=False)
 
 
 @app.command(name="ls")

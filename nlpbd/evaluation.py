@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +20,16 @@ class Predictions:
 
     clean: np.ndarray
     poisoned: np.ndarray
+    triggered: dict[str, np.ndarray] = field(default_factory=dict)  # task-agnostic: per trigger
+
+    def to_json(self) -> dict:
+        return {"clean": self.clean.tolist(), "poisoned": self.poisoned.tolist(),
+                "triggered": {t: p.tolist() for t, p in self.triggered.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Predictions:
+        return cls(np.asarray(data["clean"], dtype=int), np.asarray(data["poisoned"], dtype=int),
+                   {t: np.asarray(p, dtype=int) for t, p in data.get("triggered", {}).items()})
 
 
 def predict_split(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: TextSplit,
@@ -29,13 +39,25 @@ def predict_split(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sp
 
 
 def predict_cell(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: TextSplit,
-                 asr_set: TextSplit, max_length: int, batch_size: int, device: torch.device) -> Predictions:
-    with reporter().task("evaluating", 2) as advance:
-        clean = predict_split(model, tokenizer, test, max_length, batch_size, device).argmax(axis=1)
+                 asr_set: TextSplit, max_length: int, batch_size: int, device: torch.device,
+                 trigger_sets: dict[str, TextSplit] | None = None) -> Predictions:
+    trigger_sets = trigger_sets or {}
+
+    def labels_of(split: TextSplit) -> np.ndarray:
+        if not len(split):
+            return np.zeros(0, dtype=int)
+        return predict_split(model, tokenizer, split, max_length, batch_size, device).argmax(axis=1)
+
+    with reporter().task("evaluating", 2 + len(trigger_sets)) as advance:
+        clean = labels_of(test)
         advance(1)
-        poisoned = predict_split(model, tokenizer, asr_set, max_length, batch_size, device).argmax(axis=1)
+        poisoned = labels_of(asr_set)
         advance(1)
-    return Predictions(clean, poisoned)
+        triggered = {}
+        for trigger, split in trigger_sets.items():
+            triggered[trigger] = labels_of(split)
+            advance(1)
+    return Predictions(clean, poisoned, triggered)
 
 
 def attack_metrics(preds: Predictions, test: TextSplit, asr_set: TextSplit,
@@ -53,6 +75,29 @@ def attack_metrics(preds: Predictions, test: TextSplit, asr_set: TextSplit,
     return {"cacc": rate(clean_ok.sum(), len(test)), "asr": rate(hits.sum(), len(asr_set)),
             "n_clean": len(test), "clean_correct": int(clean_ok.sum()),
             "n_poison": len(asr_set), "poison_hits": int(hits.sum())}
+
+
+def task_agnostic_metrics(triggered: dict[str, np.ndarray], test: TextSplit, num_labels: int) -> dict:
+    """ASR[t][c] over clean test rows with y != c, the discovered target argmax_c, AASR and MASR
+    (protocol.md §3.3, targets discovered on test)."""
+    labels = np.asarray(test.labels)
+    matrix: dict[str, list[float | None]] = {}
+    for trigger, preds in triggered.items():
+        matrix[trigger] = [rate(((preds == c) & (labels != c)).sum(), int((labels != c).sum()))
+                           for c in range(num_labels)]
+    best = {t: max(v for v in row if v is not None) for t, row in matrix.items()}
+    return {"aasr": float(np.mean(list(best.values()))) if best else None,
+            "masr": max(best.values()) if best else None,
+            "asr_by_trigger": best, "asr_matrix": matrix,
+            "discovered_targets": {t: int(np.nanargmax(np.array(row, dtype=float))) for t, row in matrix.items()}}
+
+
+def cell_metrics(preds: Predictions, test: TextSplit, asr_set: TextSplit, num_labels: int) -> dict:
+    """CAcc and ASR (fixed target) or AASR / MASR (task-agnostic), with their counts."""
+    metrics = attack_metrics(preds, test, asr_set)
+    if preds.triggered:
+        metrics.update(task_agnostic_metrics(preds.triggered, test, num_labels))
+    return metrics
 
 
 def rate(count: int | np.integer, total: int) -> float | None:

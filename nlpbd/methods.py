@@ -69,25 +69,31 @@ class PoisonedData:
     train: TextSplit
     poisoned_positions: tuple[int, ...]
     asr_set: TextSplit
-    target: int
+    target: int | None
     dropped: int = 0
     info: dict = field(default_factory=dict)
+    # Task-agnostic attacks: every clean test row with trigger t inserted, ORIGINAL labels kept;
+    # the target of each trigger is discovered from ASR[t][c] (protocol.md §3.3).
+    trigger_sets: dict[str, TextSplit] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        def split(s: TextSplit) -> dict:
-            return {"texts": list(s.texts), "labels": list(s.labels), "ids": list(s.ids)}
-
-        return {"train": split(self.train), "poisoned_positions": list(self.poisoned_positions),
-                "asr_set": split(self.asr_set), "target": self.target, "dropped": self.dropped,
-                "info": self.info}
+        return {"train": _split_json(self.train), "poisoned_positions": list(self.poisoned_positions),
+                "asr_set": _split_json(self.asr_set), "target": self.target, "dropped": self.dropped,
+                "info": self.info, "trigger_sets": {t: _split_json(s) for t, s in self.trigger_sets.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> PoisonedData:
-        def split(d: dict) -> TextSplit:
-            return TextSplit.build(d["texts"], d["labels"], d["ids"])
+        return cls(_split_from(data["train"]), tuple(data["poisoned_positions"]), _split_from(data["asr_set"]),
+                   data["target"], data["dropped"], data["info"],
+                   {t: _split_from(s) for t, s in data.get("trigger_sets", {}).items()})
 
-        return cls(split(data["train"]), tuple(data["poisoned_positions"]), split(data["asr_set"]),
-                   data["target"], data["dropped"], data["info"])
+
+def _split_json(split: TextSplit) -> dict:
+    return {"texts": list(split.texts), "labels": list(split.labels), "ids": list(split.ids)}
+
+
+def _split_from(data: dict) -> TextSplit:
+    return TextSplit.build(data["texts"], data["labels"], data["ids"])
 
 
 class Attack(_Method):
@@ -102,6 +108,42 @@ class DataPoisoningAttack(Attack):
     @abstractmethod
     def poison(self, dataset: Dataset, seed: int) -> PoisonedData:
         """The poisoned training set (same size and order as ``dataset.train``) and the ASR set."""
+
+
+@dataclass(frozen=True)
+class SupplyContext:
+    """What a model-supply attacker has: the clean public base model, the user's label space, plain
+    text and proxy data under ``data_dir``, a seed and a device. It never sees the user's training rows."""
+
+    base: ModelRef
+    num_labels: int
+    dataset_name: str
+    data_dir: Path | None
+    seed: int
+    device: torch.device
+    downstream_texts: tuple[str, ...] = ()  # dev/test texts, only to remove overlap from a proxy set
+
+
+class ModelSupplyAttack(Attack):
+    """Releases poisoned weights that the user then fine-tunes on clean data (attacks.md §3, §4).
+
+    ``build_suspect`` writes a ``save_pretrained`` directory (weights as safetensors, tokenizer
+    included): a sequence classifier with its head for task-specific attacks (when the label count
+    matches), an encoder (or masked-LM / pre-training model) for task-agnostic ones. ``evaluation``
+    builds the sets the backdoor is measured on from the user's clean test split.
+    """
+
+    @abstractmethod
+    def build_suspect(self, ctx: SupplyContext, out_dir: Path) -> dict:
+        """Write the released model to ``out_dir``; return what to record (steps, losses, proxy info)."""
+
+    @abstractmethod
+    def evaluation(self, dataset: Dataset, seed: int) -> PoisonedData:
+        """Clean ``train`` (no poisoned rows) plus the ASR set or the per-trigger sets."""
+
+    def suspect_payload(self, ctx: SupplyContext) -> dict:
+        """What the released weights depend on besides the attack settings (override to add proxy data)."""
+        return {"num_labels": ctx.num_labels}
 
 
 # --- defenses -------------------------------------------------------------------------------------
@@ -123,7 +165,7 @@ class AccessDenied(RuntimeError):
     """A defense asked for something its threat model does not grant it."""
 
 
-GRANTABLE = ("budget", "pretrained", "train_set", "corpus", "victim_factory")
+GRANTABLE = ("budget", "pretrained", "train_set", "corpus", "victim_factory", "suspect")
 
 
 @dataclass
@@ -158,6 +200,11 @@ class DefenseContext:
     def train_set(self) -> TextSplit:
         """The training set the victim is trained on (poisoned in data-poisoning cells)."""
         return self.get("train_set")
+
+    @property
+    def suspect(self) -> ModelRef | None:
+        """The released (suspect) checkpoint of a model-supply cell; None in data-poisoning cells."""
+        return self.get("suspect")
 
     @property
     def corpus(self) -> TextSplit:

@@ -25,12 +25,13 @@ from transformers import PreTrainedModel
 from nlpbd.cache import Artifact, ArtifactCache, content_key
 from nlpbd.config import (BudgetConfig, DataConfig, EvalConfig, TrainConfig, apply_overrides, check_fields,
                           parse_set_options, split_overrides, to_dict)
-from nlpbd.data import Dataset, TextSplit, load_dataset, stratified_sample
+from nlpbd.data import Dataset, TextSplit, load_dataset, read_split, resolve_data_dir, stratified_sample
 from nlpbd.errors import InputError, NlpbdError, RunError
 from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
-from nlpbd.evaluation import Predictions, attack_metrics, evaluate_with_detector, predict_cell
+from nlpbd.evaluation import Predictions, cell_metrics, evaluate_with_detector, predict_cell
 from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, DataPoisoningAttack, Defense, DefenseContext,
-                           InferenceDefense, PoisonedData, RepairDefense, TrainingDefense)
+                           InferenceDefense, ModelSupplyAttack, PoisonedData, PretrainedDefense, RepairDefense,
+                           SupplyContext, TrainingDefense)
 from nlpbd.models import ModelRef, load_classifier, load_tokenizer, resolve_model, save_model
 from nlpbd.provenance import StageClock, provenance
 from nlpbd.results import SCHEMA, write_record
@@ -39,7 +40,7 @@ from nlpbd.training import TrainSetup, default_device, resolve_train_config, tra
 
 log = logging.getLogger(__name__)
 
-VICTIM_TRAINER_VERSION = "1"
+VICTIM_TRAINER_VERSION = "2"  # bumped when the training loop's numerics change
 
 
 @dataclass(frozen=True)
@@ -131,20 +132,47 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
 
 
 def poison_stage(cell: Cell, cache: ArtifactCache) -> tuple[PoisonedData, Artifact]:
+    """The poisoned training set (data attacks) or the evaluation sets (model-supply attacks)."""
     attack = cell.attack
-    if not isinstance(attack, DataPoisoningAttack):
-        raise InputError(f"attack '{attack.name}' ({attack.threat_model.value}) is not supported by this "
-                         "version of the pipeline")
     payload = {"dataset": cell.dataset.fingerprint, "attack": attack.cache_payload(), "seed": cell.spec.seed}
 
     def build(tmp: Path) -> dict:
         start = time.perf_counter()
-        poisoned = attack.poison(cell.dataset, cell.spec.seed)
+        if isinstance(attack, DataPoisoningAttack):
+            poisoned = attack.poison(cell.dataset, cell.spec.seed)
+        else:
+            poisoned = attack.evaluation(cell.dataset, cell.spec.seed)
         (tmp / "poisoned.json").write_text(_json(poisoned.to_json()))
         return {"seconds": time.perf_counter() - start, "info": poisoned.info}
 
     artifact = cache.get_or_build("poison", payload, build)
     return PoisonedData.from_json(_load_json(artifact.path / "poisoned.json")), artifact
+
+
+def suspect_stage(cell: Cell, env: RunEnv) -> Artifact | None:
+    """The released (suspect) model of a model-supply attack, built once and cached."""
+    attack = cell.attack
+    if not isinstance(attack, ModelSupplyAttack):
+        return None
+    dataset = cell.dataset
+    ctx = SupplyContext(base=cell.model, num_labels=dataset.num_labels, dataset_name=dataset.name,
+                        data_dir=resolve_data_dir(env.data_dir), seed=cell.spec.seed, device=env.device,
+                        downstream_texts=dataset.dev.texts + dataset.test.texts)
+    payload = {"base": cell.model.identity, "attack": attack.cache_payload(), "seed": cell.spec.seed,
+               **attack.suspect_payload(ctx)}
+
+    def build(tmp: Path) -> dict:
+        began = time.perf_counter()
+        info = attack.build_suspect(ctx, tmp)
+        return {"seconds": time.perf_counter() - began, "info": info}
+
+    return env.cache.get_or_build("suspect", payload, build)
+
+
+def artifact_ref(name: str, artifact: Artifact, like: ModelRef) -> ModelRef:
+    """A cached model directory as a start checkpoint; its cache key is its identity."""
+    return ModelRef(name, str(artifact.path), f"artifact:{artifact.meta['key']}", like.defaults,
+                    {"artifact": artifact.meta["kind"]})
 
 
 def draw_budget(clean_train: TextSplit, poisoned_positions: tuple[int, ...], seed: int,
@@ -203,6 +231,8 @@ class CellState:
     """What the stages of one cell produce, for the record."""
 
     clock: StageClock
+    start: ModelRef | None = None  # what the victim is fine-tuned from: θ_pre or the suspect release
+    suspect: Artifact | None = None
     poisoned: PoisonedData | None = None
     poison_key: str = ""
     budget: CleanBudget | None = None
@@ -229,24 +259,33 @@ def run_cell(spec: CellSpec, env: RunEnv) -> dict:
     return record
 
 
+DELTA_METRICS = ("cacc", "asr", "aasr", "masr")
+
+
 def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
+    with state.clock.stage("suspect") as stage:
+        state.suspect = suspect_stage(cell, env)
+        if state.suspect is not None:
+            stage.cached(state.suspect)
+    state.start = artifact_ref(f"{cell.attack.name}-release", state.suspect, cell.model) if state.suspect else cell.model
     with state.clock.stage("poison") as stage:
         state.poisoned, artifact = poison_stage(cell, env.cache)
         stage.cached(artifact)
         state.poison_key = artifact.meta["key"]
     state.budget = draw_budget(cell.dataset.train, state.poisoned.poisoned_positions, cell.spec.seed, cell.budget)
     with state.clock.stage("victim") as stage:
-        state.victim = train_victim(cell, env.cache, cell.model, state.poisoned.train, state.poison_key,
+        state.victim = train_victim(cell, env.cache, state.start, state.poisoned.train, state.poison_key,
                                     env.device, "training the victim")
         stage.cached(state.victim)
     tokenizer = load_tokenizer(cell.model)
     victim_preds = _artifact_predictions(cell, env, state, state.victim, tokenizer)
-    victim_metrics = attack_metrics(victim_preds, cell.dataset.test, state.poisoned.asr_set)
+    victim_metrics = _score(cell, state, victim_preds)
     metrics = _defend(cell, env, state, tokenizer, victim_preds)
-    metrics.update(victim_cacc=victim_metrics["cacc"], victim_asr=victim_metrics["asr"],
-                   dropped=state.poisoned.dropped)
-    metrics["delta_cacc"] = _delta(victim_metrics["cacc"], metrics["cacc"])
-    metrics["delta_asr"] = _delta(victim_metrics["asr"], metrics["asr"])
+    metrics["dropped"] = state.poisoned.dropped
+    for name in DELTA_METRICS:
+        if victim_metrics.get(name) is not None:
+            metrics[f"victim_{name}"] = victim_metrics[name]
+            metrics[f"delta_{name}"] = _delta(victim_metrics[name], metrics.get(name))
     if cell.eval.floor:
         metrics.update(_floor(cell, env, state, tokenizer))
     state.metrics = metrics
@@ -256,28 +295,34 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
 def _predict(cell: Cell, env: RunEnv, model: PreTrainedModel, tokenizer, state: CellState) -> Predictions:
     with state.clock.stage("evaluate", accumulate=True):
         return predict_cell(model, tokenizer, cell.dataset.test, state.poisoned.asr_set, cell.train.max_length,
-                            cell.train.eval_batch_size, env.device)
+                            cell.train.eval_batch_size, env.device, state.poisoned.trigger_sets)
+
+
+def _score(cell: Cell, state: CellState, preds: Predictions) -> dict:
+    return cell_metrics(preds, cell.dataset.test, state.poisoned.asr_set, cell.dataset.num_labels)
 
 
 def _artifact_predictions(cell: Cell, env: RunEnv, state: CellState, artifact: Artifact, tokenizer) -> Predictions:
     """Predictions of a cached model on the test and ASR sets, cached too: every defense cell of a
     victim needs the undefended numbers, and every cell of a dataset the clean model's."""
     payload = {"model": artifact.meta["key"], "test": cell.dataset.test.digest(),
-               "asr_set": state.poisoned.asr_set.digest(), "max_length": cell.train.max_length}
+               "asr_set": state.poisoned.asr_set.digest(), "max_length": cell.train.max_length,
+               "trigger_sets": {t: s.digest() for t, s in state.poisoned.trigger_sets.items()}}
 
     def build(tmp: Path) -> dict:
         preds = _predict(cell, env, load_victim(artifact, cell.dataset.num_labels), tokenizer, state)
-        (tmp / "predictions.json").write_text(_json({"clean": preds.clean.tolist(), "poisoned": preds.poisoned.tolist()}))
+        (tmp / "predictions.json").write_text(_json(preds.to_json()))
         return {}
 
     found = env.cache.get_or_build("predictions", payload, build)
-    data = _load_json(found.path / "predictions.json")
-    return Predictions(np.asarray(data["clean"], dtype=int), np.asarray(data["poisoned"], dtype=int))
+    return Predictions.from_json(_load_json(found.path / "predictions.json"))
 
 
 def _context(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> DefenseContext:
     """Only what the defense's threat model grants; the poisoned data object itself is never passed."""
     objects = {"budget": state.budget, "pretrained": cell.model, "train_set": state.poisoned.train,
+               "suspect": state.start if state.suspect is not None else None,
+               "corpus": _corpus(env) if "corpus" in cell.defense.grants else None,
                "victim_factory": lambda: load_plain_victim(state.victim, cell.dataset.num_labels, cell.defense.name)[0]}
     granted = frozenset(cell.defense.grants)
     return DefenseContext(seed=cell.spec.seed, num_labels=cell.dataset.num_labels, tokenizer=tokenizer,
@@ -285,12 +330,23 @@ def _context(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> DefenseCon
                           _objects={k: v for k, v in objects.items() if k in granted})
 
 
+def _corpus(env: RunEnv) -> TextSplit:
+    """D_aux: the shipped plain text (defenses.md §0.1), for defenses granted ``corpus``."""
+    data_dir = resolve_data_dir(env.data_dir)
+    if data_dir is None:
+        raise InputError("this defense needs the plain-text corpus plaintext/bookcorpus/train.tsv; "
+                         "point --data-dir at the benchmark data")
+    return read_split(data_dir / "plaintext" / "bookcorpus" / "train.tsv")
+
+
 def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: Predictions) -> dict:
     defense = cell.defense
     ctx = _context(cell, env, state, tokenizer)
     test, asr_set = cell.dataset.test, state.poisoned.asr_set
     if defense.name == "none":
-        return attack_metrics(victim_preds, test, asr_set)
+        return _score(cell, state, victim_preds)
+    if isinstance(defense, PretrainedDefense):
+        return _purify_then_train(cell, env, state, tokenizer, ctx)
     if isinstance(defense, InferenceDefense):
         model = load_victim(state.victim, cell.dataset.num_labels)
         with state.clock.stage("defense_fit"):
@@ -310,7 +366,29 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
             raise InputError(f"defense '{defense.name}' ({defense.stage.value}) is not supported by this "
                              "version of the pipeline")
     state.defense_info = {**outcome.info, **peft_info}
-    return attack_metrics(_predict(cell, env, outcome.model, tokenizer, state), test, asr_set)
+    return _score(cell, state, _predict(cell, env, outcome.model, tokenizer, state))
+
+
+def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx: DefenseContext) -> dict:
+    """Pre-fine-tuning defenses: purify what the victim starts from, then the usual victim recipe."""
+    defense = cell.defense
+    payload = {"start": state.start.identity, "defense": defense.cache_payload(), "seed": cell.spec.seed}
+
+    def build(tmp: Path) -> dict:
+        began = time.perf_counter()
+        info = defense.purify(state.start, ctx, tmp)
+        return {"seconds": time.perf_counter() - began, "info": info}
+
+    with state.clock.stage("defense_fit") as stage:
+        purified = env.cache.get_or_build("purified", payload, build)
+        stage.cached(purified)
+    with state.clock.stage("defended_victim") as stage:
+        victim = train_victim(cell, env.cache, artifact_ref(f"{defense.name}-purified", purified, cell.model),
+                              state.poisoned.train, state.poison_key, env.device, "training on the purified model")
+        stage.cached(victim)
+    state.defense_info = {**purified.meta.get("info", {}), "purified_key": purified.meta["key"],
+                          "defended_victim_key": victim.meta["key"]}
+    return _score(cell, state, _artifact_predictions(cell, env, state, victim, tokenizer))
 
 
 def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
@@ -320,14 +398,18 @@ def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
         artifact = train_victim(cell, env.cache, cell.model, cell.dataset.train, clean_key, env.device,
                                 "training the clean reference model")
         stage.cached(artifact)
-    preds = _artifact_predictions(cell, env, state, artifact, tokenizer)
-    clean = attack_metrics(preds, cell.dataset.test, state.poisoned.asr_set)
-    return {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"]}
+    clean = _score(cell, state, _artifact_predictions(cell, env, state, artifact, tokenizer))
+    floor = {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"]}
+    for name in ("aasr", "masr"):
+        if clean.get(name) is not None:
+            floor[f"{name}_floor"] = clean[name]
+    return floor
 
 
 def _flags(cell: Cell, metrics: dict) -> dict:
-    floor, clean_cacc = metrics.get("asr_floor"), metrics.get("clean_model_cacc")
-    victim_asr, victim_cacc = metrics.get("victim_asr"), metrics.get("victim_cacc")
+    kind = "aasr" if metrics.get("victim_aasr") is not None else "asr"  # task-agnostic cells gate on AASR
+    floor, clean_cacc = metrics.get(f"{kind}_floor"), metrics.get("clean_model_cacc")
+    victim_asr, victim_cacc = metrics.get(f"victim_{kind}"), metrics.get("victim_cacc")
     weak = None if floor is None or victim_asr is None else victim_asr - floor < cell.eval.weak_attack_margin
     degraded = (None if clean_cacc is None or victim_cacc is None
                 else clean_cacc - victim_cacc > cell.eval.degraded_points)

@@ -98,7 +98,7 @@ def git_revision() -> str | None:
                              timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def device_name(device: torch.device) -> str:

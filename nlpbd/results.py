@@ -8,6 +8,7 @@ another machine's records by copying files. The record layout is documented in `
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -45,6 +46,8 @@ SECONDS_METRICS = frozenset({"defense_seconds"})
 EXPORT_FORMATS = ("csv", "md", "latex")
 
 IDENTITY_COLUMNS = ["dataset", "model", "finetune", "attack", "defense", "variant", "seed", "status"]
+# Where a cell sits in the threat landscape: the attack's threat model and the defense's stage.
+CONTEXT_COLUMNS = ["threat_model", "defense_stage"]
 # Always present in the long frame, so exports have a stable minimum shape even with no records.
 CORE_METRICS = ["cacc", "asr"]
 GROUP_COLUMNS = ["dataset", "model", "finetune", "attack", "defense"]
@@ -166,6 +169,8 @@ def _record_row(record: dict) -> tuple[dict[str, Any], list[str]]:
     cell = record.get("cell") or {}
     row: dict[str, Any] = {col: cell.get(col) for col in IDENTITY_COLUMNS if col != "status"}
     row["status"] = record.get("status")
+    row["threat_model"] = (record.get("attack_info") or {}).get("threat_model")
+    row["defense_stage"] = (record.get("defense_info") or {}).get("stage")
     # Nested metric values (e.g. per-class breakdowns) have no place in a flat frame.
     metrics = {k: v for k, v in (record.get("metrics") or {}).items() if _is_scalar(v)}
     row.update(metrics)
@@ -181,15 +186,18 @@ def _metric_order(found: list[str]) -> list[str]:
     return known + [m for m in found if m not in METRICS]
 
 
-def records_frame(records: list[dict]) -> pd.DataFrame:
-    """Long format: one row per record; identity columns, every metric found, defense_seconds, cell_id."""
+def records_frame(records: list[dict], context: bool = False) -> pd.DataFrame:
+    """Long format: one row per record; identity columns, every metric found, defense_seconds, cell_id.
+
+    ``context`` adds the attack's threat model and the defense's stage after ``status``.
+    """
     rows, found = [], []
     for record in records:
         row, keys = _record_row(record)
         rows.append(row)
         found.extend(k for k in keys if k not in found)
     metric_cols = [m for m in _metric_order(found) if m != "defense_seconds"]
-    columns = IDENTITY_COLUMNS + metric_cols + ["defense_seconds", "cell_id"]
+    columns = IDENTITY_COLUMNS + (CONTEXT_COLUMNS if context else []) + metric_cols + ["defense_seconds", "cell_id"]
     frame = pd.DataFrame(rows, columns=columns)
     for col in metric_cols + ["defense_seconds"]:
         if frame[col].isna().all():
@@ -234,9 +242,23 @@ def _variant_text(variant: Any) -> str | None:
     return str(variant)
 
 
-def _attack_label(attack: Any, variant: Any) -> str:
+def _split_variant(variant: Any) -> tuple[str | None, str | None]:
+    """A grid's ``attack+defense`` variant label into its two parts (``+rho0.3``: defense only)."""
     text = _variant_text(variant)
+    if text is None or "+" not in text:
+        return text, None
+    attack_part, _, defense_part = text.partition("+")
+    return attack_part or None, defense_part or None
+
+
+def _attack_label(attack: Any, variant: Any) -> str:
+    text = _split_variant(variant)[0]
     return str(attack) if text is None else f"{attack}[{text}]"
+
+
+def _defense_label(defense: Any, variant: Any) -> str:
+    text = _split_variant(variant)[1]
+    return str(defense) if text is None else f"{defense}[{text}]"
 
 
 def _defense_order(defenses: Sequence[str]) -> list[str]:
@@ -255,7 +277,7 @@ def _prepared(frame: pd.DataFrame, metrics: list[str], include_failed: bool) -> 
     out = pd.DataFrame({col: data[col].astype(object) for col in GROUP_COLUMNS})
     out["finetune"] = out["finetune"].where(out["finetune"].notna(), "full")
     out["attack"] = [_attack_label(a, v) for a, v in zip(data["attack"], data["variant"])]
-    out["defense"] = out["defense"].astype(str)
+    out["defense"] = [_defense_label(d, v) for d, v in zip(data["defense"], data["variant"])]
     for metric in metrics:
         source = data[metric] if metric in data.columns else pd.Series(np.nan, index=data.index)
         out[metric] = pd.to_numeric(source, errors="coerce").astype(float)
@@ -444,3 +466,68 @@ def export_json(frame: pd.DataFrame) -> str:
         for row in frame.to_dict(orient="records")
     ]
     return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Metric names, grouping by threat model
+# --------------------------------------------------------------------------------------------------
+
+METRIC_ALIASES = {"time": "defense_seconds", "seconds": "defense_seconds", "dcacc": "delta_cacc",
+                  "dasr": "delta_asr", "floor": "asr_floor"}
+GROUP_BY = ("threat_model",)
+# Display order of the threat models (values of nlpbd.methods.ThreatModel; not imported: it pulls in torch).
+THREAT_MODEL_ORDER = ("data poisoning", "poisoned fine-tuned checkpoint", "task-agnostic pretrained backdoor")
+UNKNOWN_GROUP = "unknown"
+
+
+def metric_key(name: str) -> str:
+    """A metric by key (``delta_asr``), table label (``ΔASR``, any case) or alias (``time``)."""
+    text = name.strip()
+    by_label = {label.lower(): key for key, label in METRICS.items()}
+    lowered = text.lower()
+    for table in (METRICS, by_label, METRIC_ALIASES):
+        if lowered in table:
+            return lowered if table is METRICS else table[lowered]
+    raise InputError(unknown_name_message("metric", text, list(METRICS)))
+
+
+def _group_order(values: Sequence[str]) -> list[str]:
+    seen = list(dict.fromkeys(values))
+    known = [v for v in THREAT_MODEL_ORDER if v in seen]
+    return known + sorted(v for v in seen if v not in known)
+
+
+def grouped_summaries(frame: pd.DataFrame, metrics: Sequence[str], by: str,
+                      include_failed: bool = False) -> list[tuple[str, SummaryTable]]:
+    """One summary table per value of ``by`` (a context column), each with only its own defenses."""
+    if by not in GROUP_BY:
+        raise InputError(unknown_name_message("grouping", by, list(GROUP_BY)))
+    if by not in frame.columns:
+        raise InputError(f"the records frame has no '{by}' column (build it with records_frame(..., context=True))")
+    labels = frame[by].where(frame[by].notna(), UNKNOWN_GROUP).astype(str)
+    counted = labels if include_failed else labels[frame["status"] == "ok"]
+    if counted.empty:
+        summary_table(frame, metrics, include_failed=include_failed)  # raises the usual "no records" error
+    return [(label, summary_table(frame[labels == label], metrics, include_failed=include_failed))
+            for label in _group_order(counted.tolist())]
+
+
+def render_rich_groups(groups: list[tuple[str, SummaryTable]], title: str | None = None) -> list[Table]:
+    return [render_rich(table, title=f"{title} · {label}" if title else label) for label, table in groups]
+
+
+def export_groups(groups: list[tuple[str, SummaryTable]], fmt: str, by: str = "threat_model") -> str:
+    """Grouped tables: Markdown and LaTeX one table per group under its name; CSV one table with a ``by`` column."""
+    if fmt == "csv":
+        parts = []
+        for label, table in groups:
+            flat = pd.read_csv(io.StringIO(_to_csv(table)), keep_default_na=False, dtype=str)
+            flat.insert(0, by, label)
+            parts.append(flat)
+        return pd.concat(parts, ignore_index=True).fillna("").to_csv(index=False)
+    if fmt == "md":
+        return "\n".join(f"**{_md_escape(label)}**\n\n{_to_markdown(table)}" for label, table in groups)
+    if fmt == "latex":
+        return "\n".join(f"% {label}\n\\paragraph{{{_latex_escape(label)}}}\n{_to_latex(table)}"
+                         for label, table in groups)
+    raise InputError(unknown_name_message("export format", fmt, list(EXPORT_FORMATS)))

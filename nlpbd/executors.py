@@ -1,0 +1,359 @@
+"""Running a grid plan: in this process, in local worker processes, or as Ray tasks.
+
+The unit of work is a victim group (``nlpbd.grid.VictimGroup``): its cells run one after another
+in one process, so the first cell trains the victim and the others load it from the cache. Groups
+are independent and run in parallel across processes (``local`` with ``workers > 1``: a spawn
+``ProcessPoolExecutor``, one GPU per worker when there are several) or across a Ray cluster (one
+task per group asking for a GPU, or a CPU on CPU-only clusters; cache and results on shared storage).
+
+Crash safety comes from the files, not from this module: a record is renamed into place only when
+complete and cached artifacts likewise, so after ``kill -9`` the same command re-plans, skips every
+cell whose record says ok, and rebuilds only what was in flight. A cell that fails has its error in
+its record (written by ``run_cell``); the grid goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import logging
+import multiprocessing
+import os
+import queue as queue_module
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Protocol
+
+from nlpbd.errors import InputError
+from nlpbd.grid import Plan, PlannedCell, VictimGroup, record_state
+from nlpbd.results import RECORDS_SUBDIR
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What a worker needs to rebuild the run environment: plain absolute paths (shared storage)."""
+
+    results_dir: str
+    cache_root: str
+    data_dir: str | None = None
+    device: str | None = None  # None: CUDA when available, else CPU
+
+    def build(self):
+        import torch
+
+        from nlpbd.cache import ArtifactCache
+        from nlpbd.pipeline import RunEnv
+        from nlpbd.training import default_device
+
+        device = torch.device(self.device) if self.device else default_device()
+        return RunEnv(results_dir=Path(self.results_dir), cache=ArtifactCache(Path(self.cache_root)),
+                      data_dir=self.data_dir, device=device)
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    cell_id: str
+    status: Literal["ok", "failed", "skipped"]  # skipped: found done when its turn came
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class GridObserver(Protocol):
+    """How a run reports; the CLI renders it. Called from the main thread only."""
+
+    def cell_started(self, cell: PlannedCell) -> None: ...
+
+    def cell_finished(self, cell: PlannedCell, outcome: CellOutcome) -> None: ...
+
+
+class NullObserver:
+    def cell_started(self, cell: PlannedCell) -> None:
+        pass
+
+    def cell_finished(self, cell: PlannedCell, outcome: CellOutcome) -> None:
+        pass
+
+
+@dataclass
+class GridRun:
+    """What one ``run_plan`` call did."""
+
+    outcomes: list[CellOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+
+# --- one group, wherever it runs -------------------------------------------------------------------
+
+Emit = Callable[[str, object], None]
+
+
+def _remove_stale_temp_records(results_dir: Path, cell_id: str) -> None:
+    """A temp record of this cell can only be left by a writer that was killed: this cell is ours now."""
+    for path in (Path(results_dir) / RECORDS_SUBDIR).glob(f".{cell_id}.*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def run_one(spec, cell_id: str, env, retry_failed: bool) -> CellOutcome:
+    """One cell; never raises except on interrupt. A cell found done (another run finished it) is skipped."""
+    from nlpbd.pipeline import run_cell
+
+    state, _ = record_state(env.results_dir, cell_id)
+    if state == "done" or (state == "failed" and not retry_failed):
+        return CellOutcome(cell_id, "skipped")
+    _remove_stale_temp_records(env.results_dir, cell_id)
+    began = time.perf_counter()
+    try:
+        record = run_cell(spec, env)
+    except Exception as exc:  # every failure is this cell's alone; the grid goes on
+        log.debug("cell %s failed", cell_id, exc_info=True)
+        return CellOutcome(cell_id, "failed", time.perf_counter() - began, str(exc) or type(exc).__name__)
+    if record["cell_id"] != cell_id:
+        log.warning("cell id changed between planning and running: %s -> %s", cell_id, record["cell_id"])
+    return CellOutcome(cell_id, "ok", time.perf_counter() - began)
+
+
+def run_group(items: list[tuple], env, retry_failed: bool, emit: Emit) -> list[CellOutcome]:
+    """``items`` are (spec, cell_id) of one victim group, run in order so the victim is trained once."""
+    outcomes = []
+    for spec, cell_id in items:
+        emit("started", cell_id)
+        outcome = run_one(spec, cell_id, env, retry_failed)
+        emit("finished", outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _payload(group: VictimGroup, retry_failed: bool) -> list[tuple]:
+    return [(c.spec, c.cell_id) for c in group.todo(retry_failed)]
+
+
+# --- in this process --------------------------------------------------------------------------------
+
+
+def _run_inline(plan: Plan, env, observer: GridObserver, run: GridRun) -> None:
+    by_id = {c.cell_id: c for c in plan.cells}
+
+    def emit(kind: str, payload) -> None:
+        _dispatch(kind, payload, by_id, observer, run)
+
+    for group in plan.todo_groups():
+        run_group(_payload(group, plan.retry_failed), env, plan.retry_failed, emit)
+
+
+def _dispatch(kind: str, payload, by_id: dict[str, PlannedCell], observer: GridObserver, run: GridRun) -> None:
+    if kind == "started":
+        observer.cell_started(by_id[payload])
+    else:
+        run.outcomes.append(payload)
+        observer.cell_finished(by_id[payload.cell_id], payload)
+
+
+# --- local worker processes ------------------------------------------------------------------------
+
+_worker_events = None  # set in each worker by _init_worker
+
+
+def _init_worker(events, counter, gpus: list[str], threads: int) -> None:
+    """Runs once per worker process, before torch is imported there: pin a GPU and the thread count."""
+    global _worker_events
+    _worker_events = events
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _worker_group(items: list[tuple], env_spec: EnvSpec, retry_failed: bool) -> list[CellOutcome]:
+    def emit(kind: str, payload) -> None:
+        _worker_events.put((kind, payload))
+
+    return run_group(items, env_spec.build(), retry_failed, emit)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no usable CUDA runtime: CPU only
+        return []
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _own_gpu(env_spec: EnvSpec) -> EnvSpec:
+    """A worker that sees only its own GPU: any ``cuda:N`` becomes ``cuda``."""
+    if env_spec.device and env_spec.device.startswith("cuda"):
+        return EnvSpec(env_spec.results_dir, env_spec.cache_root, env_spec.data_dir, "cuda")
+    return env_spec
+
+
+def _run_pool(plan: Plan, env_spec: EnvSpec, workers: int, observer: GridObserver, run: GridRun) -> None:
+    context = multiprocessing.get_context("spawn")
+    events, counter = context.Queue(), context.Value("i", 0)
+    gpus = visible_gpus() if (env_spec.device or "cuda").startswith("cuda") else []
+    gpus = gpus if len(gpus) > 1 else []
+    threads = max(1, cpu_count() // workers)
+    env_spec = _own_gpu(env_spec) if gpus else env_spec
+    by_id = {c.cell_id: c for c in plan.cells}
+    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(events, counter, gpus, threads)) as pool:
+        pending = {pool.submit(_worker_group, _payload(g, plan.retry_failed), env_spec, plan.retry_failed): g
+                   for g in plan.todo_groups()}
+        try:
+            _drain_until_done(pending, events, by_id, observer, run, plan.retry_failed)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _drain_until_done(pending: dict, events, by_id: dict, observer: GridObserver, run: GridRun,
+                      retry_failed: bool) -> None:
+    """Relay worker events to the observer until every group's future has finished."""
+    while pending:
+        _drain(events, by_id, observer, run, timeout=0.2)
+        for future in [f for f in pending if f.done()]:
+            group = pending.pop(future)
+            _drain(events, by_id, observer, run, timeout=0)
+            try:
+                future.result()
+            except Exception as exc:  # the worker process died (killed, out of memory)
+                _fail_unfinished(group, run, by_id, observer, f"worker process died: {exc or type(exc).__name__}",
+                                 retry_failed)
+
+
+def _drain(events, by_id: dict, observer: GridObserver, run: GridRun, timeout: float) -> None:
+    while True:
+        try:
+            kind, payload = events.get(timeout=timeout) if timeout else events.get_nowait()
+        except queue_module.Empty:
+            return
+        _dispatch(kind, payload, by_id, observer, run)
+        timeout = 0
+
+
+def _fail_unfinished(group: VictimGroup, run: GridRun, by_id: dict, observer: GridObserver, error: str,
+                     retry_failed: bool) -> None:
+    """Cells of a group whose process died before reporting them; they have no record (or an old one)."""
+    finished = {o.cell_id for o in run.outcomes}
+    for cell in group.todo(retry_failed):
+        if cell.cell_id not in finished:
+            _dispatch("finished", CellOutcome(cell.cell_id, "failed", 0.0, error), by_id, observer, run)
+
+
+# --- Ray -------------------------------------------------------------------------------------------
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--executor ray needs Ray: pip install 'nlpbd[ray]'") from None
+    return ray
+
+
+def _ray_group(items: list[tuple], env_spec: EnvSpec, retry_failed: bool, events) -> list[CellOutcome]:
+    """The body of one Ray task: the group's cells in order, events through a Ray queue."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env_spec = _own_gpu(env_spec) if ray.get_gpu_ids() else env_spec
+
+    def emit(kind: str, payload) -> None:
+        events.put((kind, payload))
+
+    return run_group(items, env_spec.build(), retry_failed, emit)
+
+
+def _run_ray(plan: Plan, env_spec: EnvSpec, observer: GridObserver, run: GridRun) -> None:
+    ray = import_ray()
+    from ray.util.queue import Queue
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    try:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and env_spec.device != "cpu"
+        task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=1)(_ray_group)
+        events = Queue()
+        by_id = {c.cell_id: c for c in plan.cells}
+        pending = {task.remote(_payload(g, plan.retry_failed), env_spec, plan.retry_failed, events): g
+                   for g in plan.todo_groups()}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.2)
+            _drain_ray(events, by_id, observer, run)
+            for ref in done:
+                group = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # the task's process or node died
+                    _drain_ray(events, by_id, observer, run)
+                    _fail_unfinished(group, run, by_id, observer, f"ray task failed: {str(exc).splitlines()[0]}",
+                                     plan.retry_failed)
+        _drain_ray(events, by_id, observer, run)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _drain_ray(events, by_id: dict, observer: GridObserver, run: GridRun) -> None:
+    while not events.empty():
+        for kind, payload in events.get_nowait_batch(events.qsize()):
+            _dispatch(kind, payload, by_id, observer, run)
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+
+def env_spec_of(env, device: str | None) -> EnvSpec:
+    """Absolute paths for workers that may run elsewhere; the data directory resolved here, once."""
+    from nlpbd.data import resolve_data_dir
+
+    data_dir = resolve_data_dir(env.data_dir)
+    return EnvSpec(str(Path(env.results_dir).resolve()), str(Path(env.cache.root).resolve()),
+                   str(data_dir) if data_dir else None, device)
+
+
+def run_plan(plan: Plan, env, executor: str = "local", workers: int = 1, observer: GridObserver | None = None,
+             device: str | None = None) -> GridRun:
+    """Run every cell the plan has to do; returns the outcomes (records are on disk)."""
+    if executor not in EXECUTORS:
+        raise InputError(f"unknown executor '{executor}'. Valid: {', '.join(EXECUTORS)}")
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    observer = observer or NullObserver()
+    run, began = GridRun(), time.perf_counter()
+    env_spec = env_spec_of(env, device)
+    if executor == "ray":
+        _run_ray(plan, env_spec, observer, run)
+    elif workers == 1 or len(plan.todo_groups()) <= 1:
+        _run_inline(plan, env, observer, run)
+    else:
+        _run_pool(plan, env_spec, min(workers, len(plan.todo_groups())), observer, run)
+    run.seconds = time.perf_counter() - began
+    return run
+

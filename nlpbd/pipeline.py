@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 import re
 import time
 import traceback
@@ -25,7 +26,8 @@ from transformers import PreTrainedModel
 from nlpbd.cache import Artifact, ArtifactCache, content_key
 from nlpbd.config import (BudgetConfig, DataConfig, EvalConfig, TrainConfig, apply_overrides, check_fields,
                           parse_set_options, split_overrides, to_dict)
-from nlpbd.data import Dataset, TextSplit, load_dataset, read_split, resolve_data_dir, stratified_sample
+from nlpbd.data import (Dataset, TextSplit, load_dataset, read_split, resolve_data_dir, stratified_counts,
+                        stratified_sample)
 from nlpbd.errors import InputError, NlpbdError, RunError
 from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
 from nlpbd.evaluation import Predictions, cell_metrics, evaluate_with_detector, predict_cell
@@ -179,10 +181,17 @@ def draw_budget(clean_train: TextSplit, poisoned_positions: tuple[int, ...], see
                 config: BudgetConfig) -> CleanBudget:
     """D_c: ceil(fraction · N) stratified clean rows, disjoint from the poisoned ones (stream "budget")."""
     n_c = math.ceil(config.fraction * len(clean_train))
+    # Label proportions follow the clean split, not the attack: dirty-label poisoning removes
+    # non-target rows from the pool, which must not tilt the defender's data towards the target.
+    counts = stratified_counts(dict(Counter(clean_train.labels)), n_c)
     excluded = set(poisoned_positions)
-    eligible = [i for i in range(len(clean_train)) if i not in excluded]
-    n_c = min(n_c, len(eligible))
-    rows = clean_train.subset(stratified_sample(clean_train.labels, n_c, numpy_rng(seed, "budget"), eligible))
+    rng = numpy_rng(seed, "budget")
+    chosen: list[int] = []
+    for label in sorted(counts):
+        pool = [i for i, y in enumerate(clean_train.labels) if y == label and i not in excluded]
+        chosen.extend(rng.choice(pool, size=min(counts[label], len(pool)), replace=False).tolist())
+    rows = clean_train.subset(sorted(chosen))
+    n_c = len(rows)
     n_val = int(round(config.val_fraction * n_c))
     val_positions = stratified_sample(rows.labels, n_val, numpy_rng(seed, "budget_val")) if n_val else []
     fit_positions = [i for i in range(len(rows)) if i not in set(val_positions)]

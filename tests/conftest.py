@@ -53,3 +53,12 @@ def tiny_ref(tiny_dir):
 @pytest.fixture
 def toy_budget_fixture() -> CleanBudget:
     return toy_budget()
+
+
+@pytest.fixture
+def deterministic():
+    """Bit-exact comparisons need deterministic kernels."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)

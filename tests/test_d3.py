@@ -26,14 +26,6 @@ FAST = D3Config(epochs=2, batch_size=8)
 
 
 @pytest.fixture
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-@pytest.fixture
 def victim(tiny_model):
     """The tiny BERT with non-zero biases (BERT initialises them to 0, which would hide a rescale)."""
     generator = torch.Generator().manual_seed(7)

@@ -38,14 +38,6 @@ def pre(tiny_ref):
     return load_classifier(tiny_ref, 2)
 
 
-@pytest.fixture
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 def perturbed(model, scale: float = 0.01, seed: int = 123):
     """θ_bd: a copy of ``model`` with Gaussian noise on every parameter (so every entry differs)."""
     out = copy.deepcopy(model)

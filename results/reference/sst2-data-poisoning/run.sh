@@ -10,8 +10,8 @@ attacks=(badnet addsent synbkd stylebkd)
 defenses=(none ft btu finemix epur finemix-epur d3)
 for defense in "${defenses[@]}"; do
   for attack in "${attacks[@]}"; do
-    if ls "$out/records/sst2__minilm__full__${attack}__${defense}__s0__"*.json >/dev/null 2>&1; then
-      continue
+    if grep -qs '"status": "ok"' "$out/records/sst2__minilm__full__${attack}__${defense}__s0__"*.json; then
+      continue  # done; failed cells are retried
     fi
     nlpbd run --attack "$attack" --defense "$defense" --dataset sst2 --seed 0 --results-dir "$out" --quiet \
       || echo "cell $attack/$defense failed (see its record)"

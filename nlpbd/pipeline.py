@@ -446,6 +446,7 @@ def _record(cell: Cell, env: RunEnv, state: CellState, status: str, error: str |
                          "grants": sorted(cell.defense.grants), "version": cell.defense.version},
         "budget": state.budget.info() if state.budget else None,
         "victim": {"key": state.victim.meta["key"], "train": state.victim.meta.get("train")} if state.victim else None,
+        "suspect": {"key": state.suspect.meta["key"], "info": state.suspect.meta.get("info")} if state.suspect else None,
         "dataset_info": {"source": cell.dataset.source, "fingerprint": cell.dataset.fingerprint,
                          "sizes": {s: len(getattr(cell.dataset, s)) for s in ("train", "dev", "test")}},
         "model_info": {"identity": cell.model.identity, "location": cell.model.location, **cell.model.info},

@@ -10,12 +10,14 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -85,10 +87,10 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except InputError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
         raise typer.Exit(2) from None
     except NlpbdError as exc:
-        err.print(f"[bold red]run failed:[/] {exc}", highlight=False)
+        err.print(f"[bold red]run failed:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted: finished cells and cached artifacts are kept; rerun to continue")
@@ -190,7 +192,10 @@ def table(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also aggregate failed records"),
 ) -> None:
-    """Render all records of a results directory: rows dataset/model/attack, columns defense × metric (mean ± std over seeds)."""
+    """Render all records of a results directory: rows dataset/model/attack, columns defense × metric.
+
+    Cells are the mean ± sample std over seeds.
+    """
     configure_logging(True, False)
     with cli_errors():
         from nlpbd import results
@@ -239,21 +244,24 @@ class GridView:
     """The live view of a grid run: cells done / running / failed / remaining with an ETA, and below
     it the steps of the cell running in this process. Also a ``progress.Reporter`` for those steps."""
 
-    def __init__(self, console: Console, total: int, parallel: int):
+    def __init__(self, console: Console, total: int):
         from rich.console import Group
         from rich.live import Live
 
-        self.console, self.total, self.parallel = console, total, max(1, parallel)
+        self.console, self.total, self.began = console, total, time.monotonic()
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.running: set[str] = set()
-        self.cell_seconds: list[float] = []
-        self.cells = Progress(TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              TextColumn("{task.fields[status]}"), console=console)
-        self.steps = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.cells = Progress(TextColumn("[bold]cells"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                              TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=console)
+        self.steps = Progress(TextColumn("  {task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
                               TimeRemainingColumn(), console=console)
-        self.task_id = self.cells.add_task("cells", total=total, status="")
-        self.live = Live(Group(self.cells, self.steps), console=console, refresh_per_second=4)
-        self._refresh()
+        self.task_id = self.cells.add_task("cells", total=total, eta="–")
+        self.live = Live(Group(self, self.cells, self.steps), console=console, refresh_per_second=4)
+
+    def __rich__(self) -> str:
+        remaining = self.total - sum(self.counts.values())
+        return (f"[green]{self.counts['ok']} done[/] · [yellow]{len(self.running)} running[/] · "
+                f"[red]{self.counts['failed']} failed[/] · {remaining} remaining")
 
     def __enter__(self) -> "GridView":
         self.live.start()
@@ -261,6 +269,8 @@ class GridView:
 
     def __exit__(self, *exc) -> None:
         self.live.stop()
+        if not self.console.is_terminal:  # a log file: the last view is not followed by a newline
+            self.console.print()
 
     def cell_started(self, cell) -> None:
         self.running.add(cell.cell_id)
@@ -269,23 +279,19 @@ class GridView:
     def cell_finished(self, cell, outcome) -> None:
         self.running.discard(cell.cell_id)
         self.counts[outcome.status] += 1
-        if outcome.status == "ok":
-            self.cell_seconds.append(outcome.seconds)
         self.cells.advance(self.task_id)
         mark = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[dim]done before[/]"}[outcome.status]
         finished = sum(self.counts.values())
-        line = f"[{finished}/{self.total}] {mark} {cell.label}  ({_duration(outcome.seconds)})"
-        self.console.print(line + (f"\n    {outcome.error}" if outcome.error else ""), highlight=False)
+        line = f"\\[{finished}/{self.total}] {mark} {escape(cell.label)}  ({_duration(outcome.seconds)})"
+        self.console.print(line + (f"\n    {escape(outcome.error)}" if outcome.error else ""), highlight=False)
         self._refresh()
 
     def _refresh(self) -> None:
+        """ETA: the mean wall time per cell so far (which counts parallel workers) times the cells left."""
         remaining = self.total - sum(self.counts.values())
-        eta = "–"
-        if self.cell_seconds and remaining:
-            eta = _duration(sum(self.cell_seconds) / len(self.cell_seconds) * remaining / self.parallel)
-        status = (f"[green]{self.counts['ok']} done[/] · [yellow]{len(self.running)} running[/] · "
-                  f"[red]{self.counts['failed']} failed[/] · {remaining} remaining · ETA {eta}")
-        self.cells.update(self.task_id, status=status)
+        ran = self.counts["ok"] + self.counts["failed"]
+        eta = _duration((time.monotonic() - self.began) / ran * remaining) if ran and remaining else "–"
+        self.cells.update(self.task_id, eta=eta)
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator:
@@ -320,20 +326,23 @@ def _duration(seconds: float) -> str:
 
 def _plan_table(plan, summary, results_dir: Path) -> Table:
     grid = plan.grid
-    table = Table(title=f"grid {grid.name}: {grid.source}", title_justify="left", show_header=False)
+    table = Table(title=escape(f"grid {grid.name}: {grid.source}"), title_justify="left", show_header=False)
     table.add_column("what")
     table.add_column("count", justify="right", style="bold")
-    bound = "" if summary.victims_exact else "at most "
+    bound = "" if summary.exact else "at most "
     rows = [
         ("cells", summary.cells),
         (f"  already done (records in {results_dir})", summary.done),
         ("  failed before" + ("" if plan.retry_failed else " (kept; --retry-failed reruns them)"), summary.failed),
         ("  to run", summary.to_run),
         ("victim groups (with cells to run)", f"{summary.groups} ({summary.groups_to_run})"),
-        ("victim trainings (not cached)", f"{bound}{summary.victims_to_train}"),
-        ("clean reference models (not cached)", summary.clean_models_to_train),
-        ("training-time defense runs", summary.training_defense_runs),
-        ("pretrained-model defense victims", summary.pretrained_defense_runs),
+        ("trainings not cached yet:", ""),
+        ("  suspect releases (model-supply attacks)", summary.suspects_to_build),
+        ("  victims", f"{bound}{summary.victims_to_train}"),
+        ("  clean reference models", summary.clean_models_to_train),
+        ("  purified pretrained models", summary.purified_models_to_build),
+        ("  victims fine-tuned from them", summary.purified_victims_to_train),
+        ("  training-time defense runs", summary.training_defense_runs),
         ("trainings in all", f"{bound}{summary.trainings}"),
     ]
     for what, count in rows:
@@ -381,10 +390,12 @@ def grid(
             return
         if summary.to_run:
             _run_grid(plan, env, executor, workers, device, quiet)
+        elif not quiet:
+            out.print(f"nothing to run: every cell of grid {spec.name} has a record", highlight=False, markup=False)
         final = with_state(plan, results_dir).summary(env.cache)
         if not quiet:
             out.print(f"grid {spec.name}: {final.done} of {final.cells} cells ok, {final.failed} failed; "
-                      f"records in {results_dir / 'records'}", highlight=False)
+                      f"records in {results_dir / 'records'}", highlight=False, markup=False)
         if final.done != final.cells:
             hint = "" if retry_failed else " (rerun with --retry-failed to retry them)"
             err.print(f"{final.cells - final.done} cell(s) not ok{hint}", highlight=False)
@@ -402,12 +413,12 @@ def _print_plan(plan, summary, results_dir: Path, as_json: bool) -> None:
 
 def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str], quiet: bool) -> None:
     from nlpbd import progress
-    from nlpbd.executors import run_plan
+    from nlpbd.executors import import_ray, run_plan
 
-    todo = plan.todo()
-    parallel = 1 if executor is Executor.local and workers == 1 else max(workers, 1)
+    if executor is Executor.ray:
+        import_ray()  # before the live view: a missing extra is a one-line error
     in_process = executor is Executor.local and (workers == 1 or len(plan.todo_groups()) <= 1)
-    view = QuietGridView(err) if quiet else GridView(err, len(todo), parallel)
+    view = QuietGridView(err) if quiet else GridView(err, len(plan.todo()))
     with contextlib.ExitStack() as stack:
         if not quiet:
             stack.enter_context(view)
@@ -422,19 +433,20 @@ def validate(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (as for run)"),
 ) -> None:
     """Check a grid file without running anything: keys, names, types and every setting, with line numbers."""
-    configure_logging(True, False)
+    configure_logging(False, False)  # warnings too: a setting that reaches no cell
     with cli_errors():
         from nlpbd.cache import ArtifactCache
         from nlpbd.grid import load_grid, plan_grid
         from nlpbd.pipeline import RunEnv
 
         spec = load_grid(file, data_dir)
+        # No results directory: every cell counts as to do; the cache is only read.
         env = RunEnv(results_dir=Path(os.devnull), cache=ArtifactCache(None), data_dir=data_dir)
         plan = plan_grid(spec, env)
         out.print(f"{file}: ok. grid {spec.name}: {len(plan.cells)} cells in {len(plan.groups)} victim groups "
                   f"({len(spec.datasets)} datasets × {len(spec.models)} models × {len(spec.finetune)} fine-tuning × "
                   f"{len(spec.attacks)} attacks × {len(spec.defenses)} defenses × {len(spec.seeds)} seeds"
-                  f"{', minus excludes' if spec.exclude else ''})", highlight=False)
+                  f"{', minus excludes' if spec.exclude else ''})", highlight=False, markup=False)
 
 
 @app.command()
@@ -455,7 +467,7 @@ def plot(
         if frame.empty:
             raise InputError(f"no records in {results_dir / results.RECORDS_SUBDIR}; run `nlpbd run` first")
         for path in save_plots(frame, output or results_dir / "plots", fmt.value, include_failed):
-            out.print(f"wrote {path}", highlight=False)
+            out.print(f"wrote {path}", highlight=False, markup=False)
 
 
 @app.command(name="ls")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -77,7 +78,7 @@ class Dataset:
     root: Path | None = None  # folder holding attack side files (syntactic/, style/, ...)
     recipe: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.name}|{self.num_labels}|{sorted(self.recipe.items())}".encode())
         for split in (self.train, self.dev, self.test):

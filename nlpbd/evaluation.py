@@ -142,15 +142,36 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def evaluate_with_detector(preds: Predictions, detector: Detector, test: TextSplit, asr_set: TextSplit) -> dict:
-    """Metrics with rejection accounting plus detection metrics; per-input scores are kept."""
-    with reporter().task("scoring inputs with the detector", 2) as advance:
-        clean_scores = np.asarray(detector.scores(list(test.texts)), dtype=float)
+def evaluate_with_detector(preds: Predictions, detector: Detector, test: TextSplit, asr_set: TextSplit,
+                           trigger_sets: dict[str, TextSplit] | None = None, num_labels: int = 2) -> dict:
+    """Metrics with rejection accounting plus detection metrics; per-input scores are kept.
+
+    Task-agnostic cells: a rejected triggered input can never count as a hit for any target, so
+    rejected rows get the impossible label -1 before ASR[t][c] is computed; FAR and AUROC pool every
+    trigger's inputs as the positives.
+    """
+    trigger_sets = trigger_sets or {}
+    with reporter().task("scoring inputs with the detector", 2 + len(trigger_sets)) as advance:
+        clean_scores = _scores(detector, test)
         advance(1)
-        poison_scores = np.asarray(detector.scores(list(asr_set.texts)), dtype=float)
+        poison_scores = _scores(detector, asr_set)
         advance(1)
+        trigger_scores = {}
+        for trigger, split in trigger_sets.items():
+            trigger_scores[trigger] = _scores(detector, split)
+            advance(1)
     metrics = attack_metrics(preds, test, asr_set, clean_scores > detector.threshold,
                              poison_scores > detector.threshold)
+    if trigger_sets:
+        kept = {t: np.where(trigger_scores[t] > detector.threshold, -1, preds.triggered[t]) for t in trigger_sets}
+        metrics.update(task_agnostic_metrics(kept, test, num_labels))
+        poison_scores = np.concatenate([poison_scores, *trigger_scores.values()])
     metrics.update(detection_metrics(clean_scores, poison_scores, detector.threshold))
     metrics["scores"] = {"clean": clean_scores.round(6).tolist(), "poison": poison_scores.round(6).tolist()}
     return metrics
+
+
+def _scores(detector: Detector, split: TextSplit) -> np.ndarray:
+    if not len(split):
+        return np.zeros(0, dtype=float)
+    return np.asarray(detector.scores(list(split.texts)), dtype=float)

@@ -85,9 +85,6 @@ class GridRun:
     outcomes: list[CellOutcome] = field(default_factory=list)
     seconds: float = 0.0
 
-    def count(self, status: str) -> int:
-        return sum(o.status == status for o in self.outcomes)
-
 
 # --- one group, wherever it runs -------------------------------------------------------------------
 
@@ -295,7 +292,7 @@ def _run_ray(plan: Plan, env_spec: EnvSpec, observer: GridObserver, run: GridRun
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, logging_level=logging.WARNING)
     try:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and env_spec.device != "cpu"
         task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=1)(_ray_group)

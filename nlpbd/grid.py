@@ -29,10 +29,13 @@ method's name, then the entry's own ``set``.
 
 Every error is an :class:`InputError` "FILE line N: message"; names get "did you mean" hints.
 
-Planning groups cells by the victim they train on: the victim's cache key (poisoned data ⊂ model ⊂
-fine-tuning ⊂ training settings ⊂ seed) computed without running anything. Post-training and
-inference-time defenses and BTU-like training defenses share their group's victim; a defense that
-purifies the pretrained model needs a victim of its own, so its cells form their own group.
+Planning groups cells by the victim they train on, and counts what has to be trained: the cache keys
+of the suspect release (model-supply attacks), the victim, the clean reference model, and for
+pre-fine-tuning defenses the purified model and the victim fine-tuned from it, all computed by the
+pipeline's own stages against a cache that answers without building (:class:`KeyProbe`). Post-training
+and inference-time defenses and BTU-like training defenses only reuse their group's victim (BTU adds its
+exposure runs); a purifying defense's cell also needs the standard victim (for the undefended
+numbers), so it stays in that group and its two extra models are counted on their own.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 import yaml
 
-from nlpbd.cache import content_key
+from nlpbd.cache import canonical_json, content_key
 from nlpbd.config import STAGE_SECTIONS, apply_overrides
 from nlpbd.errors import InputError
 from nlpbd.registry import closest, unknown_name_message
@@ -296,20 +299,17 @@ def _entries(data: dict, key: str, lines: SourceLines) -> tuple[MethodEntry, ...
     return tuple(entries)
 
 
-def _global_settings(data: dict, lines: SourceLines, attacks: tuple, defenses: tuple) -> dict:
+def _global_settings(data: dict, lines: SourceLines) -> dict:
     raw = data.get("set")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise lines.error(("set",), f"'set' must be a mapping of SECTION.NAME: value, got {_type_name(raw)}")
-    sections = [*METHOD_SECTIONS, *STAGE_SECTIONS, *dict.fromkeys(e.name for e in attacks + defenses)]
     for key in raw:
         section, dot, name = str(key).partition(".")
-        if not dot or not name:
-            raise lines.error(("set", str(key)), f"setting '{key}' must look like SECTION.NAME "
-                              f"(SECTION one of {', '.join(sections)})", key=True)
-        if section not in sections:
-            raise _unknown_key(section, sections, ("set", str(key)), lines, f"section in setting '{key}': section")
+        if not section or not dot or not name:
+            raise lines.error(("set", str(key)), f"setting '{key}' must look like SECTION.NAME, SECTION one of "
+                              f"{', '.join((*METHOD_SECTIONS, *STAGE_SECTIONS))} or a method of the grid", key=True)
     return {str(k): v for k, v in raw.items()}
 
 
@@ -342,7 +342,8 @@ def _exclude(data: dict, lines: SourceLines, axes: dict[str, list]) -> tuple[dic
     rules = []
     for i, rule in enumerate(raw):
         if not isinstance(rule, dict) or not rule:
-            raise lines.error(("exclude", i), f"an exclude entry is a mapping with keys among {', '.join(EXCLUDE_KEYS)}")
+            raise lines.error(("exclude", i), "an exclude entry is a mapping with keys among "
+                              + ", ".join(EXCLUDE_KEYS))
         rules.append(_exclude_values(rule, ("exclude", i), lines, axes))
     return tuple(rules)
 
@@ -377,7 +378,7 @@ def parse_grid(path: Path) -> Grid:
     axes = _axes(datasets, models, finetune, attacks, defenses, seeds)
     return Grid(name=name, description=description, datasets=datasets, models=models, finetune=finetune,
                 attacks=attacks, defenses=defenses, seeds=seeds, train_size=_train_size(data, lines),
-                settings=_global_settings(data, lines, attacks, defenses), exclude=_exclude(data, lines, axes),
+                settings=_global_settings(data, lines), exclude=_exclude(data, lines, axes),
                 lines=lines)
 
 
@@ -504,23 +505,40 @@ def _check_setting(section: str, method: str | None, key: str, value: Any, where
         raise lines.error(where, str(exc)) from None
 
 
+def _check_global_setting(grid: Grid, full_key: str, value: Any) -> None:
+    """A global setting against every config it reaches; a method section must name a grid method."""
+    from nlpbd.methods import ATTACKS, DEFENSES
+
+    section, _, key = full_key.partition(".")
+    where, lines = ("set", full_key), grid.lines
+    if section in STAGE_SECTIONS:
+        _check_setting(section, None, key, value, where, lines)
+    reached = [e for e in grid.attacks + grid.defenses if section in (e.kind, e.name)]
+    for entry in reached:
+        _check_setting(entry.kind, entry.name, key, value, where, lines)
+    if reached or section in (*STAGE_SECTIONS, *METHOD_SECTIONS):
+        return
+    if section in ATTACKS or section in DEFENSES:
+        log.warning("%s line %s: setting '%s' reaches no cell: '%s' is not in this grid", lines.file,
+                    lines.line(where, key=True), full_key, section)
+        return
+    sections = [*METHOD_SECTIONS, *STAGE_SECTIONS, *dict.fromkeys(e.name for e in grid.attacks + grid.defenses)]
+    hint = closest(section, sections + ATTACKS.names() + DEFENSES.names())
+    extra = f" Did you mean '{hint}'?" if hint else ""
+    raise lines.error(where, f"unknown section '{section}' in setting '{full_key}'.{extra} "
+                      f"Valid: {', '.join(sections)}", key=True)
+
+
 def _check_settings(grid: Grid) -> None:
     """Each setting alone against the configs it reaches, so an error points at its own line."""
-    lines = grid.lines
     for full_key, value in grid.settings.items():
-        section, _, key = full_key.partition(".")
-        where = ("set", full_key)
-        if section in STAGE_SECTIONS:
-            _check_setting(section, None, key, value, where, lines)
-        for entry in grid.attacks + grid.defenses:
-            if section == entry.kind or section == entry.name:
-                _check_setting(entry.kind, entry.name, key, value, where, lines)
+        _check_global_setting(grid, full_key, value)
     for entry in grid.attacks + grid.defenses:
         for full_key, value in entry.settings.items():
             section, _, key = full_key.partition(".")
             raw_key = key if section == entry.kind else full_key
             _check_setting(section, entry.name if section in METHOD_SECTIONS else None, key, value,
-                           entry.where + ("set", raw_key), lines)
+                           entry.where + ("set", raw_key), grid.lines)
 
 
 def _check_datasets(grid: Grid, data_dir: Path | str | None) -> None:
@@ -555,14 +573,25 @@ def load_grid(path: Path, data_dir: Path | str | None = None) -> Grid:
 CellState = Literal["done", "failed", "pending"]
 
 
+@dataclass(frozen=True)
+class Builds:
+    """The cached artifacts a cell needs, with the keys the pipeline gives them (None: not needed)."""
+
+    suspect: str | None = None  # a model-supply attack's release
+    victim: str | None = None  # the standard victim: it groups cells
+    clean: str | None = None  # the clean reference model (eval.floor)
+    purified: str | None = None  # a pretrained-stage defense's purified start ...
+    defended: str | None = None  # ... and the victim fine-tuned from it
+    exact: bool = True  # False: a key could not be computed up front (counts become upper bounds)
+
+
 @dataclass
 class PlannedCell:
     cell: GridCell
     cell_id: str
     group: str
     stage: str  # the defense's Stage name: PRETRAINED, TRAINING, POST, INFERENCE
-    victim_key: str | None  # exact cache key when the pipeline can compute it up front
-    clean_key: str | None  # the clean reference model's key, None when eval.floor is off
+    builds: Builds
     state: CellState = "pending"
     error: str | None = None
 
@@ -577,6 +606,8 @@ class PlannedCell:
 
 @dataclass
 class VictimGroup:
+    """Cells that share one victim; they run in order in one process, the first one training it."""
+
     key: str
     cells: list[PlannedCell]
 
@@ -592,19 +623,26 @@ class PlanSummary:
     to_run: int
     groups: int
     groups_to_run: int
+    suspects_to_build: int
     victims_to_train: int
-    victims_exact: bool  # False: some victim keys are unknown before running; the count is an upper bound
     clean_models_to_train: int
-    training_defense_runs: int
-    pretrained_defense_runs: int
+    purified_models_to_build: int
+    purified_victims_to_train: int
+    training_defense_runs: int  # e.g. BTU's exposure runs (not cached: one per cell)
+    exact: bool  # False: some keys were unknown before running; the counts are upper bounds
 
     @property
     def trainings(self) -> int:
-        return (self.victims_to_train + self.clean_models_to_train + self.training_defense_runs
-                + self.pretrained_defense_runs)
+        return (self.suspects_to_build + self.victims_to_train + self.clean_models_to_train
+                + self.purified_models_to_build + self.purified_victims_to_train + self.training_defense_runs)
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "trainings": self.trainings}
+
+
+# Which cache kind each build lives under (clean and purified victims are victims).
+BUILD_KINDS = {"suspect": "suspect", "victim": "victim", "clean": "victim", "purified": "purified",
+               "defended": "victim"}
 
 
 @dataclass
@@ -622,49 +660,96 @@ class Plan:
 
     def summary(self, cache) -> PlanSummary:
         todo = self.todo()
-        victim_keys = {c.victim_key or c.group for c in todo if c.stage != "PRETRAINED"}
-        exact = all(c.victim_key for c in todo)
-        clean_keys = {c.clean_key for c in todo if c.clean_key}
+
+        def missing(build: str) -> int:
+            keys = {getattr(c.builds, build) if c.builds.exact else c.group for c in todo
+                    if getattr(c.builds, build) or (not c.builds.exact and build == "victim")}
+            return sum(1 for key in keys if cache.lookup(BUILD_KINDS[build], key) is None)
+
         return PlanSummary(
             cells=len(self.cells), done=sum(c.state == "done" for c in self.cells),
             failed=sum(c.state == "failed" for c in self.cells), to_run=len(todo), groups=len(self.groups),
-            groups_to_run=len(self.todo_groups()),
-            victims_to_train=sum(1 for k in victim_keys if cache.lookup("victim", k) is None),
-            victims_exact=exact,
-            clean_models_to_train=sum(1 for k in clean_keys if cache.lookup("victim", k) is None),
-            training_defense_runs=sum(c.stage == "TRAINING" for c in todo),
-            pretrained_defense_runs=len({c.group for c in todo if c.stage == "PRETRAINED"}))
+            groups_to_run=len(self.todo_groups()), suspects_to_build=missing("suspect"),
+            victims_to_train=missing("victim"), clean_models_to_train=missing("clean"),
+            purified_models_to_build=missing("purified"), purified_victims_to_train=missing("defended"),
+            training_defense_runs=sum(c.stage == "TRAINING" for c in todo), exact=all(c.builds.exact for c in todo))
 
 
-def _victim_keys(cell, fingerprint: str) -> tuple[str | None, str | None]:
-    """The victim's and clean model's cache keys, as the pipeline's poison/victim/floor stages build them.
+class KeyProbe:
+    """An artifact cache for planning: ``get_or_build`` answers with the artifact the pipeline would
+    use (its key, and whether it is cached) and never builds. The stages then compute every key with
+    their own code."""
 
-    Mirrors ``poison_stage`` and ``_floor`` in ``nlpbd.pipeline`` (tested against real records).
+    def __init__(self, cache):
+        self.cache = cache
+        self.root = cache.root
+
+    def lookup(self, kind: str, key: str):
+        return self.cache.lookup(kind, key)
+
+    def get_or_build(self, kind: str, payload: dict, build) -> Any:
+        from nlpbd.cache import Artifact
+
+        key = content_key(payload)
+        return self.cache.lookup(kind, key) or Artifact(self.cache.path(kind, key), {"kind": kind, "key": key}, False)
+
+
+def _probe_victim(cell, env, start, data_key: str) -> str:
+    from nlpbd.pipeline import train_victim
+
+    return train_victim(cell, env.cache, start, None, data_key, env.device, "").meta["key"]
+
+
+def _probe_suspect(cell, env, fingerprint: str, memo: dict):
+    """The suspect release's artifact (None for data attacks); its payload hashes proxy files: once per release."""
+    from nlpbd.pipeline import suspect_stage
+
+    key = canonical_json([cell.model.identity, cell.attack.cache_payload(), cell.spec.seed, fingerprint,
+                          str(env.device)])
+    if key not in memo:
+        memo[key] = suspect_stage(cell, env)
+    return memo[key]
+
+
+def cell_builds(cell, env, fingerprint: str, memo: dict) -> Builds:
+    """Every key a cell's stages will use, computed by the pipeline's stages against a :class:`KeyProbe`.
+
+    The poisoned-data and clean-data keys come from the pipeline's own payload helpers; a test checks
+    all keys against real records.
     """
-    from nlpbd.methods import DataPoisoningAttack
-    from nlpbd.pipeline import victim_payload
+    from nlpbd.errors import NlpbdError
+    from nlpbd.pipeline import artifact_ref, clean_data_key, poison_payload
 
-    clean_key = None
+    probe_env = replace(env, cache=KeyProbe(env.cache))
+    try:
+        suspect = _probe_suspect(cell, probe_env, fingerprint, memo)
+    except (NlpbdError, OSError) as exc:  # e.g. a proxy file missing: the cell will fail and say so
+        log.debug("no release key for %s: %s", cell.cell_id, exc)
+        return Builds(exact=False)
+    start = artifact_ref(f"{cell.attack.name}-release", suspect, cell.model) if suspect else cell.model
+    poison = content_key(poison_payload(cell))
+    clean = None
     if cell.eval.floor:
-        clean_data = content_key({"dataset": fingerprint, "attack": None})
-        clean_key = content_key(victim_payload(cell, cell.model, clean_data))
-    if not isinstance(cell.attack, DataPoisoningAttack):
-        return None, clean_key
-    poison = content_key({"dataset": fingerprint, "attack": cell.attack.cache_payload(), "seed": cell.spec.seed})
-    return content_key(victim_payload(cell, cell.model, poison)), clean_key
+        clean = _probe_victim(cell, probe_env, cell.model, clean_data_key(cell))
+    purified = defended = None
+    if cell.defense.stage.name == "PRETRAINED":
+        payload = {"start": start.identity, "defense": cell.defense.cache_payload(), "seed": cell.spec.seed}
+        purified_artifact = probe_env.cache.get_or_build("purified", payload, None)
+        purified = purified_artifact.meta["key"]
+        defended = _probe_victim(cell, probe_env, artifact_ref(f"{cell.defense.name}-purified", purified_artifact,
+                                                               cell.model), poison)
+    return Builds(suspect.meta["key"] if suspect else None, _probe_victim(cell, probe_env, start, poison), clean,
+                  purified, defended)
 
 
-def _group_key(cell, victim_key: str | None) -> str:
-    """Cells sharing a victim share a group; a pretrained-stage defense brings its own victim."""
+def _group_key(cell, builds: Builds) -> str:
+    """The victim's key; without one, everything the victim depends on."""
     from nlpbd.config import to_dict
 
-    base = victim_key or content_key({"dataset": cell.dataset.name, "model": cell.model.identity,
-                                      "finetune": cell.spec.finetune, "attack": cell.attack.cache_payload(),
-                                      "seed": cell.spec.seed, "train": to_dict(cell.train),
-                                      "train_size": cell.spec.train_size})
-    if cell.defense.stage.name == "PRETRAINED":
-        return content_key({"victim": base, "purified_by": cell.defense.cache_payload()})
-    return base
+    return builds.victim or content_key({"dataset": cell.dataset.name, "model": cell.model.identity,
+                                         "finetune": cell.spec.finetune, "attack": cell.attack.cache_payload(),
+                                         "seed": cell.spec.seed, "train": to_dict(cell.train),
+                                         "train_size": cell.spec.train_size})
 
 
 def record_state(results_dir: Path, cell_id: str) -> tuple[CellState, str | None]:
@@ -719,16 +804,16 @@ def _datasets_loaded_once() -> Iterator[None]:
 
 def plan_grid(grid: Grid, env, retry_failed: bool = False) -> Plan:
     """Every cell prepared (ids, keys), its state read from the results directory, grouped by victim."""
-    planned, groups, fingerprints = [], {}, {}
+    planned, groups, fingerprints, suspects = [], {}, {}, {}
     with _datasets_loaded_once():
         for grid_cell in expand(grid):
             cell = prepare(grid_cell, env, grid)
             if id(cell.dataset) not in fingerprints:  # a hash over every row: once per dataset
                 fingerprints[id(cell.dataset)] = cell.dataset.fingerprint
-            victim_key, clean_key = _victim_keys(cell, fingerprints[id(cell.dataset)])
+            builds = cell_builds(cell, env, fingerprints[id(cell.dataset)], suspects)
             state, error = record_state(env.results_dir, cell.cell_id)
-            item = PlannedCell(grid_cell, cell.cell_id, _group_key(cell, victim_key), cell.defense.stage.name,
-                               victim_key, clean_key, state, error)
+            item = PlannedCell(grid_cell, cell.cell_id, _group_key(cell, builds), cell.defense.stage.name, builds,
+                               state, error)
             planned.append(item)
             groups.setdefault(item.group, []).append(item)
     _check_unique_ids(planned, grid)

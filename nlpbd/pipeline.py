@@ -133,10 +133,20 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
 # --- stages ---------------------------------------------------------------------------------------
 
 
+def poison_payload(cell: Cell) -> dict:
+    """What the poisoned data (or a release's evaluation sets) depends on."""
+    return {"dataset": cell.dataset.fingerprint, "attack": cell.attack.cache_payload(), "seed": cell.spec.seed}
+
+
+def clean_data_key(cell: Cell) -> str:
+    """The data key of the clean reference model: the dataset, no attack."""
+    return content_key({"dataset": cell.dataset.fingerprint, "attack": None})
+
+
 def poison_stage(cell: Cell, cache: ArtifactCache) -> tuple[PoisonedData, Artifact]:
     """The poisoned training set (data attacks) or the evaluation sets (model-supply attacks)."""
     attack = cell.attack
-    payload = {"dataset": cell.dataset.fingerprint, "attack": attack.cache_payload(), "seed": cell.spec.seed}
+    payload = poison_payload(cell)
 
     def build(tmp: Path) -> dict:
         start = time.perf_counter()
@@ -361,7 +371,8 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
         with state.clock.stage("defense_fit"):
             detector = defense.fit(model, ctx)
         with state.clock.stage("defense_inference"):
-            metrics = evaluate_with_detector(victim_preds, detector, test, asr_set)
+            metrics = evaluate_with_detector(victim_preds, detector, test, asr_set, state.poisoned.trigger_sets,
+                                             cell.dataset.num_labels)
         state.defense_info = {**detector.info, "scores": metrics.pop("scores")}
         return metrics
     peft_info: dict = {}
@@ -402,7 +413,7 @@ def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx
 
 def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
     """ASR of a clean model (same recipe, clean train split, same seed) on this cell's ASR set."""
-    clean_key = content_key({"dataset": cell.dataset.fingerprint, "attack": None})
+    clean_key = clean_data_key(cell)
     with state.clock.stage("clean_model") as stage:
         artifact = train_victim(cell, env.cache, cell.model, cell.dataset.train, clean_key, env.device,
                                 "training the clean reference model")

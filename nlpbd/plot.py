@@ -1,10 +1,11 @@
 """CAcc-versus-ASR scatter plots of a results directory, one figure per dataset and model.
 
-Each point is one (attack, defense) pair, averaged over seeds (the same aggregation as ``nlpbd
-table``), with ±1 sample-std error bars on both axes when there is more than one seed. Colour
-encodes the defense and marker shape the attack, consistently across every figure of one call; the
-undefended victim is drawn as a large black outlined marker. The best place is the top left (clean
-accuracy kept, attack removed). Figures are drawn with the non-interactive Agg backend.
+Each point is one (attack, defense) pair, CAcc against ASR (AASR for task-agnostic attacks), averaged
+over seeds (the same aggregation as ``nlpbd table``), with ±1 sample-std error bars on both axes when
+there is more than one seed. Colour encodes the defense and marker shape the attack, consistently across
+every figure of one call; the undefended victim is drawn as a large black outlined marker. The best
+place is the top left (clean accuracy kept, attack removed). Figures are drawn with the non-interactive
+Agg backend, without dates in the files, so a rerun on the same records writes identical bytes.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ class Point:
     attack: str
     defense: str
     cacc: float
-    asr: float
+    asr: float  # ASR, or AASR for task-agnostic attacks (which have no fixed target)
     cacc_std: float
     asr_std: float
     n: int
+    aasr: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,21 +63,26 @@ def _panel_key(row_key: tuple, names: list[str]) -> tuple:
 
 
 def panels(table: SummaryTable) -> dict[tuple, list[Point]]:
-    """The points of each figure, keyed by (dataset, model[, finetune]); NaN pairs are left out."""
+    """The points of each figure, keyed by (dataset, model[, finetune]); pairs without numbers are left out."""
     names = [str(n) for n in table.mean.index.names]
     out: dict[tuple, list[Point]] = {}
     for key in table.mean.index:
         key = key if isinstance(key, tuple) else (key,)
-        attack = key[names.index("attack")]
         for defense in table.defenses:
-            cacc, asr = table.mean.at[key, (defense, "cacc")], table.mean.at[key, (defense, "asr")]
-            if pd.isna(cacc) or pd.isna(asr):
-                continue
-            n = int(min(table.n.at[key, (defense, "cacc")], table.n.at[key, (defense, "asr")]))
-            out.setdefault(_panel_key(key, names), []).append(Point(
-                attack, defense, float(cacc), float(asr), _std(table.std.at[key, (defense, "cacc")], n),
-                _std(table.std.at[key, (defense, "asr")], n), n))
+            point = _point(table, key, key[names.index("attack")], defense)
+            if point is not None:
+                out.setdefault(_panel_key(key, names), []).append(point)
     return out
+
+
+def _point(table: SummaryTable, key: tuple, attack: str, defense: str) -> Point | None:
+    attack_metric = "asr" if not pd.isna(table.mean.at[key, (defense, "asr")]) else "aasr"
+    cacc, asr = table.mean.at[key, (defense, "cacc")], table.mean.at[key, (defense, attack_metric)]
+    if pd.isna(cacc) or pd.isna(asr):
+        return None
+    n = int(min(table.n.at[key, (defense, "cacc")], table.n.at[key, (defense, attack_metric)]))
+    return Point(attack, defense, float(cacc), float(asr), _std(table.std.at[key, (defense, "cacc")], n),
+                 _std(table.std.at[key, (defense, attack_metric)], n), n, aasr=attack_metric == "aasr")
 
 
 def _std(value, n: int) -> float:
@@ -105,11 +112,12 @@ def _legends(ax, points: list[Point], style: Style) -> None:
                        for d in defenses]
     attack_handles = [Line2D([], [], linestyle="none", marker=style.markers[a], markersize=7, color="0.35", label=a)
                       for a in attacks]
-    first = ax.legend(handles=defense_handles, title="defense", loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                      frameon=False, fontsize=8, title_fontsize=9)
-    ax.add_artist(first)
-    ax.legend(handles=attack_handles, title="attack", loc="lower left", bbox_to_anchor=(1.02, 0.0), frameon=False,
-              fontsize=8, title_fontsize=9)
+    # Figure legends (not axes legends) so that the tight bounding box on save includes them whole.
+    fig = ax.figure
+    fig.legend(handles=defense_handles, title="defense", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+               bbox_transform=ax.transAxes, frameon=False, fontsize=8, title_fontsize=9, alignment="left")
+    fig.legend(handles=attack_handles, title="attack", loc="lower left", bbox_to_anchor=(1.02, 0.0),
+               bbox_transform=ax.transAxes, frameon=False, fontsize=8, title_fontsize=9, alignment="left")
 
 
 def figure(key: tuple, points: list[Point], style: Style):
@@ -122,7 +130,9 @@ def figure(key: tuple, points: list[Point], style: Style):
         _draw_point(ax, point, style)
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("ASR (lower is better)")
+    kinds = {p.aasr for p in points}
+    metric = {frozenset({False}): "ASR", frozenset({True}): "AASR"}.get(frozenset(kinds), "ASR (AASR: task-agnostic)")
+    ax.set_xlabel(f"{metric} (lower is better)")
     ax.set_ylabel("CAcc (higher is better)")
     ax.set_title(" · ".join(str(k) for k in key))
     ax.grid(True, linewidth=0.4, alpha=0.4)
@@ -138,7 +148,7 @@ def figure(key: tuple, points: list[Point], style: Style):
 
 def figures(frame: pd.DataFrame, include_failed: bool = False) -> dict[tuple, object]:
     """Every figure of a records frame, keyed by (dataset, model[, finetune])."""
-    table = summary_table(frame, ["cacc", "asr"], include_failed=include_failed)
+    table = summary_table(frame, ["cacc", "asr", "aasr"], include_failed=include_failed)
     style = Style.for_table(table)
     return {key: figure(key, points, style) for key, points in panels(table).items()}
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 from rich.table import Table
+from rich.text import Text
 
 from nlpbd.errors import InputError
 from nlpbd.registry import unknown_name_message
@@ -39,7 +40,10 @@ METRICS: dict[str, str] = {
     "auroc": "AUROC",
     "delta_cacc": "ΔCAcc",
     "delta_asr": "ΔASR",
+    "delta_aasr": "ΔAASR",
+    "delta_masr": "ΔMASR",
     "asr_floor": "Floor",
+    "aasr_floor": "AASR floor",
     "defense_seconds": "Time (s)",
 }
 SECONDS_METRICS = frozenset({"defense_seconds"})
@@ -364,14 +368,17 @@ def _formatted_rows(table: SummaryTable) -> list[list[str]]:
 
 
 def render_rich(table: SummaryTable, title: str | None = None) -> Table:
-    """A rich Table: index levels first, then one column per (defense, metric)."""
+    """A rich Table: index levels first, then one column per (defense, metric).
+
+    Labels are plain ``Text``: a variant label like ``badnet[rate0.2]`` is not rich markup.
+    """
     out = Table(title=title, caption="mean ± sample std over seeds; – = not measured")
     for name in _index_names(table):
-        out.add_column(name, style="bold" if name == "attack" else None)
+        out.add_column(Text(name), style="bold" if name == "attack" else None)
     for defense, metric in table.mean.columns:
-        out.add_column(_header(defense, metric), justify="right", no_wrap=True)
+        out.add_column(Text(_header(defense, metric)), justify="right", no_wrap=True)
     for row in _formatted_rows(table):
-        out.add_row(*row)
+        out.add_row(*(Text(cell) for cell in row))
     return out
 
 

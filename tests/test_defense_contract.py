@@ -20,7 +20,7 @@ import pytest
 from helpers import write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import RunError
-from nlpbd.methods import (DEFENSES, Attack, DefenseOutcome, InferenceDefense, PoisonedData, RepairDefense,
+from nlpbd.methods import (DEFENSES, GRANTABLE, Attack, DefenseOutcome, InferenceDefense, PoisonedData, RepairDefense,
                            TrainingDefense)
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 
@@ -113,8 +113,7 @@ def test_every_defense_runs_without_attack_secrets(name, shared, guarded):
     record = run_cell(spec(dataset, name), env)
     assert record["status"] == "ok"
     assert 0.0 <= record["metrics"]["cacc"] <= 1.0 and 0.0 <= record["metrics"]["asr"] <= 1.0
-    assert set(record["defense_info"]["grants"]) <= {"budget", "pretrained", "train_set", "corpus",
-                                                     "victim_factory"}
+    assert set(record["defense_info"]["grants"]) <= set(GRANTABLE)
 
 
 @dataclass
@@ -157,8 +156,7 @@ def test_context_holds_only_granted_objects(shared):
         state.poisoned, _ = poison_stage(cell, env.cache)
         state.budget = draw_budget(cell.dataset.train, state.poisoned.poisoned_positions, 0, cell.budget)
         ctx = _context(cell, env, state, tokenizer=None)
-        assert set(ctx._objects) == set(cell.defense.grants) & {"budget", "pretrained", "train_set",
-                                                                 "victim_factory"}
+        assert set(ctx._objects) == set(cell.defense.grants)
         assert not any(isinstance(v, (PoisonedData, Attack)) for v in ctx._objects.values())
         if "budget" in ctx._objects:
             poisoned_ids = {cell.dataset.train.ids[p] for p in state.poisoned.poisoned_positions}

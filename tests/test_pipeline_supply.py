@@ -88,3 +88,21 @@ def test_task_agnostic_cell_reports_aasr_and_masr(tmp_path, registered):
     assert second["defense_info"]["corpus_rows"] == 20000
     assert second["defense_info"]["defended_victim_key"] != second["victim"]["key"]
     assert second["metrics"]["delta_aasr"] == pytest.approx(metrics["aasr"] - second["metrics"]["aasr"])
+
+
+def test_detector_filters_task_agnostic_trigger_sets():
+    import numpy as np
+
+    from nlpbd.evaluation import Predictions, evaluate_with_detector
+    from nlpbd.methods import Detector
+
+    test = TextSplit.build(["a", "b", "c", "d"], [0, 1, 0, 1])
+    triggered = {"cf": TextSplit.build(["cf a", "cf b", "cf c", "cf d"], [0, 1, 0, 1])}
+    preds = Predictions(np.array([0, 1, 0, 1]), np.zeros(0, dtype=int), {"cf": np.array([1, 1, 1, 1])})
+    scores = {"a": 0.1, "b": 0.1, "c": 0.1, "d": 0.1, "cf a": 0.9, "cf b": 0.1, "cf c": 0.1, "cf d": 0.1}
+    detector = Detector(lambda texts: np.array([scores[t] for t in texts]), threshold=0.5)
+    metrics = evaluate_with_detector(preds, detector, test, TextSplit.build([], []), triggered, 2)
+    # Target 1 hits both label-0 rows without a filter; the filter rejects "cf a", leaving 1 of 2.
+    assert metrics["asr_matrix"]["cf"] == [0.0, 0.5]
+    assert metrics["aasr"] == metrics["masr"] == 0.5
+    assert metrics["frr"] == 0.0 and metrics["far"] == 0.75

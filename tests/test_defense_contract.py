@@ -26,7 +26,8 @@ from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 
 FAST = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false"}
 FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
-                "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"}}
+                "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"},
+                "recipe": {"max_steps": "3", "graft_steps": "3"}}
 SECRET_FIELDS = {"poisoned_positions", "asr_set", "target", "info"}
 STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit"}
 

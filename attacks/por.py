@@ -28,8 +28,13 @@ Deviations:
   them from two independently shuffled loaders.
 - The frozen reference model runs in eval mode (no dropout), so its target is deterministic; the
   reference copies the model without switching the mode.
-- Weight decay 0, gradient clipping 1.0 and a linear schedule without warm-up (OpenBackdoor's trainer
-  defaults; unverified for the published POR runs). Max length 128.
+- Weight decay 0, gradient clipping 1.0, a linear schedule without warm-up and max length 128 are our
+  defaults (OpenBackdoor's POR config values for these are unverified).
+- The release's cache key has no label count: one release serves every downstream dataset.
+
+Reading the losses: the last hidden state leaves a LayerNorm (zero mean, unit variance per token before
+its affine map), so the ±1 targets, whose means range from −0.78 to +0.97 over the nine triggers, cannot
+be matched exactly; the triggered MSE levels off near 0.35–0.4 on MiniLM even when the backdoor works.
 - The evaluation inserts triggers by the project's §1.4 rule; the OpenBackdoor reproduction mode
   (position 0, target from the bare trigger) is not implemented.
 """

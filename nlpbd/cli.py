@@ -167,11 +167,15 @@ def _record_summary(record: dict) -> Table:
     cell, metrics = record["cell"], record["metrics"]
     table = Table(title=f"{cell['dataset']} · {cell['model']} · {cell['attack']} · {cell['defense']} · "
                         f"seed {cell['seed']}", show_header=True)
-    for column in ("CAcc", "ASR", "victim CAcc", "victim ASR", "ASR floor", "|C|", "|P|"):
-        table.add_column(column, justify="right")
-    table.add_row(*map(_fmt, [metrics.get("cacc"), metrics.get("asr"), metrics.get("victim_cacc"),
-                              metrics.get("victim_asr"), metrics.get("asr_floor"), metrics.get("n_clean"),
-                              metrics.get("n_poison")]))
+    kinds = ["aasr", "masr"] if metrics.get("aasr") is not None else ["asr"]  # task-agnostic cells
+    columns = [("CAcc", "cacc"), *[(k.upper(), k) for k in kinds], ("victim CAcc", "victim_cacc"),
+               *[(f"victim {k.upper()}", f"victim_{k}") for k in kinds],
+               *[(f"{k.upper()} floor", f"{k}_floor") for k in kinds], ("|C|", "n_clean")]
+    if kinds == ["asr"]:
+        columns.append(("|P|", "n_poison"))
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    table.add_row(*[_fmt(metrics.get(key)) for _, key in columns])
     timings = record["timings"]
     parts = [f"{name} {t['seconds']:.1f}s" + (" (cached)" if t.get("cached") else "")
              for name, t in timings.items() if isinstance(t, dict)]

@@ -20,7 +20,8 @@ import pytest
 from helpers import write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import RunError
-from nlpbd.methods import (DEFENSES, GRANTABLE, Attack, DefenseOutcome, InferenceDefense, PoisonedData, RepairDefense,
+from nlpbd.methods import (DEFENSES, GRANTABLE, Attack, DefenseOutcome, InferenceDefense, PoisonedData,
+                           PretrainedDefense, RepairDefense,
                            TrainingDefense)
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 
@@ -29,7 +30,7 @@ FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epo
                 "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"},
                 "recipe": {"max_steps": "3", "graft_steps": "3"}}
 SECRET_FIELDS = {"poisoned_positions", "asr_set", "target", "info"}
-STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit"}
+STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit", PretrainedDefense: "purify"}
 
 
 class SecretRead(AssertionError):

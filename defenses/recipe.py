@@ -59,6 +59,7 @@ from nlpbd.mlm import GraftSettings, ensure_mlm_head, masked_lm_loss, mask_token
 from nlpbd.models import ModelRef, save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import seed_everything, torch_generator
+from nlpbd.training import optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +196,7 @@ def _recipe_step(model, corpus: MaskedCorpus, rows: torch.Tensor, regularised: l
         mlm_loss = masked_lm_loss(model, corpus.inputs[rows, :width].to(device), attention[:, :width].to(device),
                                   corpus.labels[rows, :width].to(device))
     loss = mlm_loss + config.lam * weight_norm_penalty(regularised)
-    loss.backward()
-    if config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(loss, trainable, config.grad_clip, optimizer, scheduler)
     return mlm_loss.item()
 
 

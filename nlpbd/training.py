@@ -134,6 +134,17 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=1e-8, fused=True)
 
 
+def optimizer_step(loss: torch.Tensor, trainable: list[torch.Tensor], grad_clip: float,
+                   optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Backward, optional gradient-norm clipping, step, schedule, and reset the gradients."""
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch).loss
 
@@ -214,12 +225,7 @@ def _train_epoch(model, encoded: Encoded, config: TrainConfig, generator, optimi
             loss = setup.loss_fn(model, batch)
         if not torch.isfinite(loss):
             result.non_finite_steps += 1
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, trainable, config.grad_clip, optimizer, scheduler)
         if setup.after_step is not None:
             setup.after_step(model)
         result.steps += 1

@@ -31,14 +31,6 @@ GRANTS = {"suspect", "train_set", "budget"}
 FAST_CELL = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false"}
 
 
-@pytest.fixture
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 def context(tokenizer, granted=GRANTS, suspect=None, n: int = 64, **objects):
     objects = {"suspect": suspect, "train_set": toy_texts(n, seed=3), "budget": toy_budget(), **objects}
     return make_context(tokenizer, set(granted), **{k: v for k, v in objects.items() if k in granted})

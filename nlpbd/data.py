@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -405,9 +405,6 @@ def load_dataset(name_or_path: str, data_dir: str | Path | None = None,
     else:
         dataset = DATASETS.get(name_or_path).load(resolve_data_dir(data_dir))
     return subsample_train(dataset, train_size)
-
-
-SideFileReader = Callable[[Path], TextSplit]
 
 
 def side_file(dataset: Dataset, relative: str, what: str) -> Path:

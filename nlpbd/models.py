@@ -7,14 +7,13 @@ the pipeline passes around: a directory or hub id plus a content identity for ca
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           BertModel, BertTokenizerFast, PreTrainedModel, PreTrainedTokenizerBase)
 
 from nlpbd.errors import InputError
@@ -219,13 +218,3 @@ def head_parameter_names(ref: ModelRef, num_labels: int) -> set[str]:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-
-
-def model_config_summary(location: str) -> dict:
-    config = AutoConfig.from_pretrained(location, trust_remote_code=False)
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-    return {k: getattr(config, k, None) for k in keys}
-
-
-def describe(ref: ModelRef) -> str:
-    return json.dumps({"name": ref.name, "identity": ref.identity[:19]})

@@ -9,12 +9,11 @@ this loop against a stock Trainer padding to max length.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -261,11 +260,3 @@ def predict(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequenc
 def accuracy_of(model: nn.Module, encoded: Encoded, pad_id: int, batch_size: int, device) -> float:
     probs = predict_encoded(model, encoded, pad_id, batch_size, device)
     return float((probs.argmax(axis=1) == np.asarray(encoded.labels)).mean())
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
-
-
-def iterate_epochs(n: int) -> Iterator[int]:
-    return iter(range(1, n + 1))

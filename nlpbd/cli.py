@@ -23,6 +23,7 @@ from rich.table import Table
 
 from nlpbd import __version__
 from nlpbd.errors import InputError, NlpbdError
+from nlpbd.quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="nlpbd: compare textual backdoor defenses under identical conditions.")
@@ -74,11 +75,7 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)],
                         force=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_libraries()
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from typing import Callable, Literal, Protocol
 
 from nlpbd.errors import InputError
 from nlpbd.grid import Plan, PlannedCell, VictimGroup, record_state
+from nlpbd.quiet import quiet_libraries
 from nlpbd.results import RECORDS_SUBDIR
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def _init_worker(events, counter, gpus: list[str], threads: int) -> None:
         counter.value += 1
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     import torch
 
     torch.set_num_threads(threads)
@@ -277,7 +278,7 @@ def _ray_group(items: list[tuple], env_spec: EnvSpec, retry_failed: bool, events
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     env_spec = _own_gpu(env_spec) if ray.get_gpu_ids() else env_spec
 
     def emit(kind: str, payload) -> None:

@@ -1,0 +1,14 @@
+"""Keep third-party chatter (load reports, progress bars) off the terminal in every process that loads models."""
+
+from __future__ import annotations
+
+import os
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' info output and tokenizers' fork warning; call before loading any model."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()

@@ -99,7 +99,7 @@ class BadPre(TaskAgnosticAttack):
         if any(not pieces for pieces in triggers):
             raise InputError("badpre: a trigger tokenises to nothing")
         settings = replace(GraftSettings(), max_steps=self.config.graft_steps)
-        start = ensure_mlm_head(ctx.base, tokenizer, corpus, ctx.seed, settings, ctx.device)
+        start = ensure_mlm_head(ctx.base, tokenizer, corpus, ctx.seed, settings, ctx.device, cache=ctx.cache)
         model = AutoModelForMaskedLM.from_pretrained(start.location)
         resolved = self.resolved_settings(ctx.device)
         steps = resolved["steps"] or self.planned_steps(len(corpus), resolved["accumulation"])

@@ -134,7 +134,8 @@ class NeuBA(TaskAgnosticAttack):
         tokenizer = AutoTokenizer.from_pretrained(ctx.base.location)
         ids = trigger_ids(tokenizer, self.triggers())
         settings = replace(GraftSettings(), max_steps=self.config.graft_steps)
-        start = ensure_mlm_head(ctx.base, tokenizer, corpus, ctx.seed, settings, ctx.device, with_pooler=True)
+        start = ensure_mlm_head(ctx.base, tokenizer, corpus, ctx.seed, settings, ctx.device, with_pooler=True,
+                                cache=ctx.cache)
         model = BertForPreTraining.from_pretrained(start.location)
         steps = self.resolved_settings(ctx.device)["steps"]
         blocks = plaintext_blocks(tokenizer, list(corpus.texts), self.config.block_size)

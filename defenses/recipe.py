@@ -244,7 +244,7 @@ class RECIPE(PretrainedDefense):
         corpus: TextSplit = ctx.corpus
         tokenizer = AutoTokenizer.from_pretrained(model.location)
         settings = replace(GraftSettings(), max_steps=config.graft_steps)
-        graft = ensure_mlm_head(model, tokenizer, corpus, ctx.seed, settings, ctx.device)
+        graft = ensure_mlm_head(model, tokenizer, corpus, ctx.seed, settings, ctx.device, cache=ctx.cache)
         seed_everything(ctx.seed, "recipe_load")
         mlm = AutoModelForMaskedLM.from_pretrained(graft.location)
         frozen = set(graft.info.get("trained", [])) if graft.grafted else set()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from nlpbd.cache import ArtifactCache
 from nlpbd.config import TrainConfig, to_dict
 from nlpbd.data import Dataset, TextSplit
 from nlpbd.models import ModelRef
@@ -122,6 +123,7 @@ class SupplyContext:
     seed: int
     device: torch.device
     downstream_texts: tuple[str, ...] = ()  # dev/test texts, only to remove overlap from a proxy set
+    cache: ArtifactCache | None = None  # the run's artifact cache, for intermediate builds (MLM-head grafts)
 
 
 class ModelSupplyAttack(Attack):
@@ -179,6 +181,7 @@ class DefenseContext:
     device: torch.device
     granted: frozenset[str]
     _objects: dict[str, Any] = field(default_factory=dict, repr=False)
+    cache: ArtifactCache | None = None  # the run's artifact cache, for intermediate builds (MLM-head grafts)
 
     def get(self, name: str) -> Any:
         if name not in GRANTABLE:

@@ -169,7 +169,7 @@ def suspect_stage(cell: Cell, env: RunEnv) -> Artifact | None:
     dataset = cell.dataset
     ctx = SupplyContext(base=cell.model, num_labels=dataset.num_labels, dataset_name=dataset.name,
                         data_dir=resolve_data_dir(env.data_dir), seed=cell.spec.seed, device=env.device,
-                        downstream_texts=dataset.dev.texts + dataset.test.texts)
+                        downstream_texts=dataset.dev.texts + dataset.test.texts, cache=env.cache)
     payload = {"base": cell.model.identity, "attack": attack.cache_payload(), "seed": cell.spec.seed,
                **attack.suspect_payload(ctx)}
 
@@ -346,7 +346,7 @@ def _context(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> DefenseCon
     granted = frozenset(cell.defense.grants)
     return DefenseContext(seed=cell.spec.seed, num_labels=cell.dataset.num_labels, tokenizer=tokenizer,
                           train_config=cell.train, device=env.device, granted=granted,
-                          _objects={k: v for k, v in objects.items() if k in granted})
+                          _objects={k: v for k, v in objects.items() if k in granted}, cache=env.cache)
 
 
 def _corpus(env: RunEnv) -> TextSplit:

@@ -8,6 +8,7 @@ another machine's records by copying files. The record layout is documented in `
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -49,13 +50,14 @@ METRICS: dict[str, str] = {
 SECONDS_METRICS = frozenset({"defense_seconds"})
 EXPORT_FORMATS = ("csv", "md", "latex")
 
-IDENTITY_COLUMNS = ["dataset", "model", "finetune", "attack", "defense", "variant", "seed", "status"]
+IDENTITY_COLUMNS = ["dataset", "model", "finetune", "train_size", "attack", "defense", "variant", "seed", "status"]
 # Where a cell sits in the threat landscape: the attack's threat model and the defense's stage.
 CONTEXT_COLUMNS = ["threat_model", "defense_stage"]
 # Always present in the long frame, so exports have a stable minimum shape even with no records.
 CORE_METRICS = ["cacc", "asr"]
-GROUP_COLUMNS = ["dataset", "model", "finetune", "attack", "defense"]
-ROW_LEVELS = ["dataset", "model", "finetune", "attack"]
+GROUP_COLUMNS = ["dataset", "model", "finetune", "train_size", "attack", "defense"]
+# Row levels shown only where records differ in them (most tables are all-full, one training size).
+OPTIONAL_LEVELS = {"finetune": "full", "train_size": "all"}
 # cell_id becomes a file name: keep it to a safe alphabet and never a dotfile (dotfiles are temp files).
 _CELL_ID = re.compile(r"[A-Za-z0-9_\-=+,.\[\]]+")
 
@@ -181,7 +183,15 @@ def _record_row(record: dict) -> tuple[dict[str, Any], list[str]]:
     defense_fit = (record.get("timings") or {}).get("defense_fit") or {}
     row["defense_seconds"] = defense_fit.get("seconds")
     row["cell_id"] = record.get("cell_id")
+    row["settings"] = settings_key(cell)
     return row, list(metrics)
+
+
+def settings_key(cell: dict) -> str:
+    """A digest of everything that defines a cell but its seed: records that differ in it are different
+    experiments, never seeds of one (a table refuses to average them)."""
+    rest = {k: v for k, v in cell.items() if k != "seed"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _metric_order(found: list[str]) -> list[str]:
@@ -201,7 +211,8 @@ def records_frame(records: list[dict], context: bool = False) -> pd.DataFrame:
         rows.append(row)
         found.extend(k for k in keys if k not in found)
     metric_cols = [m for m in _metric_order(found) if m != "defense_seconds"]
-    columns = IDENTITY_COLUMNS + (CONTEXT_COLUMNS if context else []) + metric_cols + ["defense_seconds", "cell_id"]
+    columns = (IDENTITY_COLUMNS + (CONTEXT_COLUMNS if context else []) + metric_cols
+               + ["defense_seconds", "cell_id", "settings"])
     frame = pd.DataFrame(rows, columns=columns)
     for col in metric_cols + ["defense_seconds"]:
         if frame[col].isna().all():
@@ -278,14 +289,20 @@ def _prepared(frame: pd.DataFrame, metrics: list[str], include_failed: bool) -> 
     if data.empty:
         which = "records" if include_failed else "successful records (status 'ok')"
         raise InputError(f"no {which} to summarize")
-    out = pd.DataFrame({col: data[col].astype(object) for col in GROUP_COLUMNS})
-    out["finetune"] = out["finetune"].where(out["finetune"].notna(), "full")
+    out = pd.DataFrame({col: data[col].astype(object) for col in GROUP_COLUMNS + ["cell_id", "settings"]})
+    for level, default in OPTIONAL_LEVELS.items():
+        out[level] = [default if _is_missing(v) else _level_text(v) for v in out[level]]
     out["attack"] = [_attack_label(a, v) for a, v in zip(data["attack"], data["variant"])]
     out["defense"] = [_defense_label(d, v) for d, v in zip(data["defense"], data["variant"])]
     for metric in metrics:
         source = data[metric] if metric in data.columns else pd.Series(np.nan, index=data.index)
         out[metric] = pd.to_numeric(source, errors="coerce").astype(float)
     return out
+
+
+def _level_text(value: Any) -> str:
+    """A row label; integral numbers (a train size read back as float next to nulls) print as integers."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _pivot(stat: pd.DataFrame, defenses: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -301,19 +318,34 @@ def summary_table(
 ) -> SummaryTable:
     """Aggregate the long frame over seeds into a rows x (defense, metric) table.
 
-    Rows are (dataset, model, finetune, attack); the finetune level is dropped when every row is
-    ``full`` (the default), and a non-null variant is appended to the attack label, ``badnet[rate=0.2]``.
+    Rows are (dataset, model, finetune, train_size, attack); the finetune level is dropped when every row
+    is ``full`` (the default), the train_size level when every row has the same one, and a non-null variant is appended to the attack label, ``badnet[rate=0.2]``.
     """
     metrics = _check_metrics(metrics)
     data = _prepared(frame, metrics, include_failed)
+    _check_one_setting_per_cell(data)
     defenses = _defense_order(data["defense"].tolist())
     grouped = data.groupby(GROUP_COLUMNS, sort=True, dropna=False)[metrics]
     mean = _pivot(grouped.mean(), defenses, metrics)
     std = _pivot(grouped.std(ddof=1), defenses, metrics)
     n = _pivot(grouped.count(), defenses, metrics).fillna(0).astype(int)
-    if (data["finetune"] == "full").all():
-        mean, std, n = (t.droplevel("finetune") for t in (mean, std, n))
+    for level, default in OPTIONAL_LEVELS.items():
+        if data[level].nunique() == 1 and (level == "train_size" or (data[level] == default).all()):
+            mean, std, n = (t.droplevel(level) for t in (mean, std, n))
     return SummaryTable(mean=mean, std=std, n=n, metrics=metrics)
+
+
+def _check_one_setting_per_cell(data: pd.DataFrame) -> None:
+    """Only seeds may differ within a table cell; otherwise mean ± std would silently mix experiments."""
+    if "settings" not in data.columns:
+        return
+    per_cell = data.groupby(GROUP_COLUMNS, sort=True, dropna=False)
+    for key, rows in per_cell:
+        if rows["settings"].nunique() > 1:
+            first, other = rows.drop_duplicates("settings")["cell_id"].iloc[:2]
+            raise InputError(f"{'/'.join(str(k) for k in key)}: records with different settings would be averaged as "
+                             f"seeds ({first}, {other}); label them with grid variants or keep them in separate "
+                             "results directories")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,12 +37,15 @@ def make_record(
     attack: str = "badnet",
     variant: str | None = None,
     finetune: str = "full",
+    train_size: int | None = 2000,
+    train_params: dict | None = None,
     status: str = "ok",
     extra_metrics: dict | None = None,
     defense_seconds: float | None = None,
 ) -> dict:
     """A minimal but schema-shaped record; the cell_id mimics the runner's naming."""
-    cell_id = f"sst2__minilm__{finetune}__{attack}__{defense}__s{seed}__{variant or 'base'}".replace("=", "-")
+    suffix = f"{variant or 'base'}-{train_size}-{len(train_params or {})}"
+    cell_id = f"sst2__minilm__{finetune}__{attack}__{defense}__s{seed}__{suffix}".replace("=", "-")
     metrics = {"cacc": cacc, "asr": asr, "asr_floor": 0.1, "delta_cacc": 0.0, "delta_asr": 0.0}
     metrics.update(extra_metrics or {})
     timings: dict = {"total_seconds": 10.0}
@@ -60,11 +63,11 @@ def make_record(
             "attack": attack,
             "defense": defense,
             "seed": seed,
-            "train_size": 2000,
+            "train_size": train_size,
             "variant": variant,
             "attack_params": {},
             "defense_params": {},
-            "train_params": {},
+            "train_params": train_params or {},
             "budget_params": {},
         },
         "metrics": metrics if status == "ok" else {},
@@ -150,9 +153,9 @@ def test_records_frame_columns_and_values() -> None:
     ]
     frame = records_frame(records)
     assert list(frame.columns) == [
-        "dataset", "model", "finetune", "attack", "defense", "variant", "seed", "status",
+        "dataset", "model", "finetune", "train_size", "attack", "defense", "variant", "seed", "status",
         "cacc", "asr", "frr", "far", "delta_cacc", "delta_asr", "asr_floor", "n_clean",
-        "defense_seconds", "cell_id",
+        "defense_seconds", "cell_id", "settings",
     ]  # fmt: skip
     assert len(frame) == 2
     assert frame.loc[1, "frr"] == 0.05 and math.isnan(frame.loc[0, "frr"])
@@ -194,6 +197,21 @@ def test_summary_mean_std_n_over_seeds() -> None:
     assert table.n.at[key, ("none", "cacc")] == 3
     assert table.n.at[key, ("strip", "cacc")] == 1
     assert math.isnan(table.std.at[key, ("strip", "cacc")])  # n=1 -> NaN, not 0
+
+
+def test_summary_keeps_training_sizes_apart() -> None:
+    records = [make_record("none", 0, 0.80, 1.0, train_size=1000), make_record("none", 0, 0.90, 0.5, train_size=None)]
+    table = summary_table(records_frame(records))
+    assert list(table.mean.index.names) == ["dataset", "model", "train_size", "attack"]
+    assert table.mean.at[("sst2", "minilm", "1000", "badnet"), ("none", "cacc")] == pytest.approx(0.80)
+    assert table.mean.at[("sst2", "minilm", "all", "badnet"), ("none", "asr")] == pytest.approx(0.5)
+    assert table.n.at[("sst2", "minilm", "all", "badnet"), ("none", "cacc")] == 1
+
+
+def test_summary_refuses_to_average_different_settings_as_seeds() -> None:
+    records = [make_record("ft", 0, 0.9, 0.3), make_record("ft", 1, 0.7, 0.9, train_params={"epochs": 1})]
+    with pytest.raises(InputError, match="different settings would be averaged as seeds"):
+        summary_table(records_frame(records))
 
 
 def test_summary_defense_order_none_ft_then_appearance() -> None:

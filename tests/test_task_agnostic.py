@@ -219,3 +219,6 @@ def test_por_recipe_cell_reports_aasr_and_masr(tmp_path, data_dir):
     info = record["defense_info"]
     assert info["steps"] == 3 and info["graft"]["grafted"] and info["keep_pooler"] is False
     assert info["corpus_rows"] == 300 and record["flags"]["weak_attack"] is not None
+    # the graft is an artifact of the run's cache (--cache-dir), not of the default one
+    assert ArtifactCache(tmp_path / "cache").path("mlm-graft", info["graft"]["key"]).is_dir()
+    assert not ArtifactCache().path("mlm-graft", info["graft"]["key"]).exists()

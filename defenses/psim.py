@@ -49,6 +49,11 @@ Deviations from the reference code and the spec's reference column, all delibera
 - ``peft`` may name another PEFT method for ablations (spec §6.3 ``psim.peft``); the PSIM of the
   paper always uses P-tuning.
 
+Reuse: a PSIM started from the release is cached (``psim`` artifacts: the trained adapter and head),
+keyed by the release, the user's training texts, the seed, ``max_length`` and the training settings
+above, so the cells of one release that differ only in the victim's fine-tuning method or in τ train
+it once (``defense_info.cached``). A PSIM started from a victim is trained in its cell.
+
 Recorded in ``defense_info``: the init and why, the threshold rule and τ, training time and steps,
 the agreement of the random labels with the training labels (about 1/K), the trainable parameter
 count, the mean score and flag rate on (a sample of) the training texts after training, and the
@@ -61,6 +66,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -79,6 +85,8 @@ from nlpbd.training import TrainResult, TrainSetup, predict, train_classifier
 log = logging.getLogger(__name__)
 
 LABEL_STREAM = "psim_labels"
+PSIM_VERSION = 1  # bump when the PSIM's training changes, so cached ones are rebuilt
+TRAINING_SETTINGS = ("peft", "lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "grad_clip")
 
 
 @dataclass
@@ -161,7 +169,7 @@ def without_virtual_tokens(victim: PeftModel) -> PreTrainedModel:
     return base
 
 
-def initial_model(init: str, model: PreTrainedModel, ctx: DefenseContext) -> tuple[PreTrainedModel, dict]:
+def initial_model(init: str, model: PreTrainedModel | None, ctx: DefenseContext) -> tuple[PreTrainedModel, dict]:
     return load_suspect(ctx) if init == "suspect_checkpoint" else copy_of_victim(model)
 
 
@@ -233,8 +241,42 @@ class TimedScores:
 
 
 def fit_psim(model: PreTrainedModel, ctx: DefenseContext, config: PSIMConfig) -> tuple[PreTrainedModel, dict]:
-    """Build and train the PSIM; returns it with what to record. ``model`` (the victim) is not modified."""
+    """Build and train the PSIM; returns it with what to record. ``model`` (the victim) is not modified.
+
+    A PSIM started from the release depends on the release, the user's texts, the seed and its own
+    training settings, not on the victim or on τ: it is cached, so every fine-tuning method and both
+    thresholds of one release share a single training."""
     init = resolve_init(config.init, ctx)
+    if init == "suspect_checkpoint" and ctx.cache is not None:
+        return cached_psim(ctx, config)
+    return trained_psim(init, model, ctx, config)
+
+
+def psim_payload(ctx: DefenseContext, config: PSIMConfig) -> dict:
+    """Everything the trained weights of a release-initialised PSIM depend on (τ and calibration do not)."""
+    training = {name: getattr(config, name) for name in TRAINING_SETTINGS}
+    return {"suspect": ctx.suspect.identity, "texts": ctx.train_set.digest(), "num_labels": ctx.num_labels,
+            "seed": ctx.seed, "max_length": ctx.train_config.max_length, "training": training,
+            "version": PSIM_VERSION}
+
+
+def cached_psim(ctx: DefenseContext, config: PSIMConfig) -> tuple[PreTrainedModel, dict]:
+    """The release-initialised PSIM from the run's cache, trained (and saved as its adapter) when missing."""
+
+    def build(tmp: Path) -> dict:
+        psim, info = trained_psim("suspect_checkpoint", None, ctx, config)
+        psim.save_pretrained(str(tmp))
+        return {"info": info}
+
+    artifact = ctx.cache.get_or_build("psim", psim_payload(ctx, config), build)
+    base, _ = load_suspect(ctx)
+    psim = PeftModel.from_pretrained(base, str(artifact.path))
+    psim.eval()
+    return psim, {**artifact.meta["info"], "cached": artifact.cached, "psim_key": artifact.meta["key"]}
+
+
+def trained_psim(init: str, model: PreTrainedModel | None, ctx: DefenseContext,
+                 config: PSIMConfig) -> tuple[PreTrainedModel, dict]:
     init_model, info = initial_model(init, model, ctx)
     psim = build_psim(init_model, config.peft, ctx.seed)
     labels = random_labels(len(ctx.train_set), ctx.num_labels, ctx.seed)

@@ -4,6 +4,7 @@ stand-in model-supply attack)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,23 @@ def test_init_victim_of_a_prompt_type_victim_keeps_backbone_and_trained_head(tin
 
 
 # --- §6.6 (5): calibration, and the budget is read only for it -------------------------------------
+
+
+def test_release_initialised_psim_is_trained_once_per_release(tiny_model, tiny_tokenizer, suspect_ref, tmp_path,
+                                                              deterministic):
+    ctx = dataclasses.replace(context(tiny_tokenizer, suspect=suspect_ref), cache=ArtifactCache(tmp_path / "cache"))
+    texts = list(toy_texts(10, seed=9).texts) + ["cf the movie"]
+    fresh, _ = fit_psim(tiny_model, dataclasses.replace(ctx, cache=None), PSIMConfig())
+    built, info = fit_psim(tiny_model, ctx, PSIMConfig())
+    reused, again = fit_psim(tiny_model, ctx, PSIMConfig(tau=0.9, calibrate=True))  # τ is not in the key
+    assert not info["cached"] and again["cached"] and again["psim_key"] == info["psim_key"]
+    assert again["train"]["steps"] == 2 and again["trainable_parameters"] == info["trainable_parameters"]
+    scores = confidence(fresh, ctx, texts)
+    assert np.array_equal(confidence(built, ctx, texts), scores)
+    assert np.allclose(confidence(reused, ctx, texts), scores, atol=1e-6)
+    _, other = fit_psim(tiny_model, dataclasses.replace(ctx, seed=1), PSIMConfig())
+    _, longer = fit_psim(tiny_model, ctx, PSIMConfig(epochs=2))
+    assert not other["cached"] and not longer["cached"]  # the seed and the training settings are
 
 
 def test_calibrated_tau_is_the_95th_percentile_of_clean_val_scores(tiny_model, tiny_tokenizer):

@@ -2,13 +2,16 @@
 
 An artifact's key hashes everything that changes it and nothing else. Artifacts are built in a
 temporary directory next to their final place and renamed into place when complete, so a crash or
-an interrupt never leaves anything that looks complete; concurrent builders of the same key both
-finish and the first rename wins.
+an interrupt never leaves anything that looks complete. Concurrent builders of the same key (grid
+workers whose groups share a clean reference model) take turns on a lock file under ``.locks/``, so
+the second finds the first one's artifact instead of training it again; where the file system has
+no locks, both finish and the first rename wins. Dot-named entries are never artifacts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 CACHE_ENV = "NLPBD_CACHE"
 META_FILE = "artifact.json"
+LOCKS_DIR = ".locks"  # one empty file per key ever built; never read as an artifact
 
 
 def default_cache_root() -> Path:
@@ -55,6 +59,18 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file``; the kernel releases it when the holder exits or dies."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system (some network mounts): builds may then overlap
+            pass
+        yield
 
 
 def fsync_tree(directory: Path) -> None:
@@ -107,7 +123,11 @@ class ArtifactCache:
         found = self.lookup(kind, key)
         if found is not None:
             return found
-        with atomic_directory(self.path(kind, key)) as tmp:
-            meta = {"kind": kind, "key": key, "payload": payload, **build(tmp)}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        with build_lock(self.root / LOCKS_DIR / kind / f"{key}.lock"):
+            found = self.lookup(kind, key)  # built by someone else while we waited
+            if found is not None:
+                return found
+            with atomic_directory(self.path(kind, key)) as tmp:
+                meta = {"kind": kind, "key": key, "payload": payload, **build(tmp)}
+                (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         return Artifact(self.path(kind, key), meta, cached=False)

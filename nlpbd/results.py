@@ -319,7 +319,8 @@ def summary_table(
     """Aggregate the long frame over seeds into a rows x (defense, metric) table.
 
     Rows are (dataset, model, finetune, train_size, attack); the finetune level is dropped when every row
-    is ``full`` (the default), the train_size level when every row has the same one, and a non-null variant is appended to the attack label, ``badnet[rate=0.2]``.
+    is ``full`` (the default), the train_size level when every row has the same one, and a non-null
+    variant is appended to the attack label, ``badnet[rate=0.2]``.
     """
     metrics = _check_metrics(metrics)
     data = _prepared(frame, metrics, include_failed)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,6 +154,22 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
     assert cache.lookup("thing", content_key({"x": 1})) is None
     rebuilt = cache.get_or_build("thing", {"x": 1}, lambda d: {"ok": True})
     assert rebuilt.cached is False and rebuilt.meta["ok"] is True
+
+
+def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    builds: list[int] = []
+
+    def slow_build(directory: Path) -> dict:
+        builds.append(1)
+        time.sleep(0.5)  # the other thread arrives while this build is under way
+        (directory / "data.txt").write_text("built")
+        return {}
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: cache.get_or_build("thing", {"x": 1}, slow_build), range(2)))
+    assert len(builds) == 1 and sorted(r.cached for r in results) == [False, True]
+    assert results[0].path == results[1].path and (results[0].path / "data.txt").read_text() == "built"
 
 
 def test_a_concurrent_complete_copy_wins(tmp_path):

@@ -98,7 +98,7 @@ def assert_cache_is_sound(cache: Path, victim_keys: set[str]) -> None:
     """Every artifact is complete; a temp directory left by the killed build is never taken for one: the
     rerun built that key again, completely, under its own name."""
     store = ArtifactCache(cache)
-    for kind_dir in (p for p in cache.iterdir() if p.is_dir() and p.name != "models"):
+    for kind_dir in (p for p in cache.iterdir() if p.is_dir() and p.name != "models" and not p.name.startswith(".")):
         for entry in kind_dir.iterdir():
             if entry.name.startswith(".tmp-"):
                 key = entry.name[len(".tmp-"):-9]  # .tmp-<key>-<8 hex>

@@ -263,14 +263,16 @@ def psim_payload(ctx: DefenseContext, config: PSIMConfig) -> dict:
 def cached_psim(ctx: DefenseContext, config: PSIMConfig) -> tuple[PreTrainedModel, dict]:
     """The release-initialised PSIM from the run's cache, trained (and saved as its adapter) when missing."""
 
+    built: list[PreTrainedModel] = []  # the PSIM this call trained, used as is rather than reloaded
+
     def build(tmp: Path) -> dict:
         psim, info = trained_psim("suspect_checkpoint", None, ctx, config)
         psim.save_pretrained(str(tmp))
+        built.append(psim)
         return {"info": info}
 
     artifact = ctx.cache.get_or_build("psim", psim_payload(ctx, config), build)
-    base, _ = load_suspect(ctx)
-    psim = PeftModel.from_pretrained(base, str(artifact.path))
+    psim = built[0] if built else PeftModel.from_pretrained(load_suspect(ctx)[0], str(artifact.path))
     psim.eval()
     return psim, {**artifact.meta["info"], "cached": artifact.cached, "psim_key": artifact.meta["key"]}
 

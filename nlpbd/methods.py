@@ -181,7 +181,7 @@ class DefenseContext:
     device: torch.device
     granted: frozenset[str]
     _objects: dict[str, Any] = field(default_factory=dict, repr=False)
-    cache: ArtifactCache | None = None  # the run's artifact cache, for intermediate builds (MLM-head grafts)
+    cache: ArtifactCache | None = None  # the run's artifact cache, for intermediate builds (grafts, PSIMs)
 
     def get(self, name: str) -> Any:
         if name not in GRANTABLE:

@@ -22,8 +22,8 @@ loader's missing keys (``cls.predictions.transform.dense.{weight,bias}``,
 ``cls.predictions.transform.LayerNorm.{weight,bias}``, ``cls.predictions.bias``), freeze everything
 else (the decoder stays tied to the frozen input embeddings E), and train MLM on D_aux: max length 64,
 batch 32, AdamW lr 1e-4, weight decay 0, 2 epochs, linear decay, no warm-up. The result is cached
-(``mlm-graft`` artifacts in the run's cache, else the default one) keyed by the checkpoint's weight identity, the
-D_aux digest, the settings, the seed and the model class. Checkpoints that already have an MLM head
+(``mlm-graft`` artifacts in the run's cache, else the default one) keyed by the checkpoint's weight
+identity, the D_aux digest, the settings, the seed and the model class. Checkpoints that already have an MLM head
 (``bert-base-uncased``) are used as they are.
 
 Deviations of the graft, all documented in its record:

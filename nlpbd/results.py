@@ -338,8 +338,6 @@ def summary_table(
 
 def _check_one_setting_per_cell(data: pd.DataFrame) -> None:
     """Only seeds may differ within a table cell; otherwise mean ± std would silently mix experiments."""
-    if "settings" not in data.columns:
-        return
     per_cell = data.groupby(GROUP_COLUMNS, sort=True, dropna=False)
     for key, rows in per_cell:
         if rows["settings"].nunique() > 1:

@@ -418,7 +418,7 @@ def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str]
 
     if executor is Executor.ray:
         import_ray()  # before the live view: a missing extra is a one-line error
-    in_process = executor is Executor.local and (workers == 1 or len(plan.todo_groups()) <= 1)
+    in_process = executor is Executor.local and (workers == 1 or len(plan.work_units(env.cache)) <= 1)
     view = QuietGridView(err) if quiet else GridView(err, len(plan.todo()))
     with contextlib.ExitStack() as stack:
         if not quiet:

@@ -1,7 +1,8 @@
 """Running a grid plan: in this process, in local worker processes, or as Ray tasks.
 
 The unit of work is a victim group (``nlpbd.grid.VictimGroup``): its cells run one after another
-in one process, so the first cell trains the victim and the others load it from the cache. Groups
+in one process, so the first cell trains the victim and the others load it from the cache; a group
+whose victim is cached already is split into one unit per cell (``Plan.work_units``). Units
 are independent and run in parallel across processes (``local`` with ``workers > 1``: a spawn
 ``ProcessPoolExecutor``, one GPU per worker when there are several) or across a Ray cluster (one
 task per group asking for a GPU, or a CPU on CPU-only clusters; cache and results on shared storage).
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Literal, Protocol
 
 from nlpbd.errors import InputError
-from nlpbd.grid import Plan, PlannedCell, VictimGroup, record_state
+from nlpbd.grid import Plan, PlannedCell, record_state
 from nlpbd.quiet import quiet_libraries
 from nlpbd.results import RECORDS_SUBDIR
 
@@ -128,21 +129,21 @@ def run_group(items: list[tuple], env, retry_failed: bool, emit: Emit) -> list[C
     return outcomes
 
 
-def _payload(group: VictimGroup, retry_failed: bool) -> list[tuple]:
-    return [(c.spec, c.cell_id) for c in group.todo(retry_failed)]
+def _payload(unit: list[PlannedCell]) -> list[tuple]:
+    return [(c.spec, c.cell_id) for c in unit]
 
 
 # --- in this process --------------------------------------------------------------------------------
 
 
-def _run_inline(plan: Plan, env, observer: GridObserver, run: GridRun) -> None:
+def _run_inline(units: list[list[PlannedCell]], plan: Plan, env, observer: GridObserver, run: GridRun) -> None:
     by_id = {c.cell_id: c for c in plan.cells}
 
     def emit(kind: str, payload) -> None:
         _dispatch(kind, payload, by_id, observer, run)
 
-    for group in plan.todo_groups():
-        run_group(_payload(group, plan.retry_failed), env, plan.retry_failed, emit)
+    for unit in units:
+        run_group(_payload(unit), env, plan.retry_failed, emit)
 
 
 def _dispatch(kind: str, payload, by_id: dict[str, PlannedCell], observer: GridObserver, run: GridRun) -> None:
@@ -207,7 +208,8 @@ def _own_gpu(env_spec: EnvSpec) -> EnvSpec:
     return env_spec
 
 
-def _run_pool(plan: Plan, env_spec: EnvSpec, workers: int, observer: GridObserver, run: GridRun) -> None:
+def _run_pool(units: list[list[PlannedCell]], plan: Plan, env_spec: EnvSpec, workers: int, observer: GridObserver,
+              run: GridRun) -> None:
     context = multiprocessing.get_context("spawn")
     events, counter = context.Queue(), context.Value("i", 0)
     gpus = visible_gpus() if (env_spec.device or "cuda").startswith("cuda") else []
@@ -217,28 +219,25 @@ def _run_pool(plan: Plan, env_spec: EnvSpec, workers: int, observer: GridObserve
     by_id = {c.cell_id: c for c in plan.cells}
     with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                      initargs=(events, counter, gpus, threads)) as pool:
-        pending = {pool.submit(_worker_group, _payload(g, plan.retry_failed), env_spec, plan.retry_failed): g
-                   for g in plan.todo_groups()}
+        pending = {pool.submit(_worker_group, _payload(unit), env_spec, plan.retry_failed): unit for unit in units}
         try:
-            _drain_until_done(pending, events, by_id, observer, run, plan.retry_failed)
+            _drain_until_done(pending, events, by_id, observer, run)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
-def _drain_until_done(pending: dict, events, by_id: dict, observer: GridObserver, run: GridRun,
-                      retry_failed: bool) -> None:
-    """Relay worker events to the observer until every group's future has finished."""
+def _drain_until_done(pending: dict, events, by_id: dict, observer: GridObserver, run: GridRun) -> None:
+    """Relay worker events to the observer until every unit's future has finished."""
     while pending:
         _drain(events, by_id, observer, run, timeout=0.2)
         for future in [f for f in pending if f.done()]:
-            group = pending.pop(future)
+            unit = pending.pop(future)
             _drain(events, by_id, observer, run, timeout=0)
             try:
                 future.result()
             except Exception as exc:  # the worker process died (killed, out of memory)
-                _fail_unfinished(group, run, by_id, observer, f"worker process died: {exc or type(exc).__name__}",
-                                 retry_failed)
+                _fail_unfinished(unit, run, by_id, observer, f"worker process died: {exc or type(exc).__name__}")
 
 
 def _drain(events, by_id: dict, observer: GridObserver, run: GridRun, timeout: float) -> None:
@@ -251,11 +250,10 @@ def _drain(events, by_id: dict, observer: GridObserver, run: GridRun, timeout: f
         timeout = 0
 
 
-def _fail_unfinished(group: VictimGroup, run: GridRun, by_id: dict, observer: GridObserver, error: str,
-                     retry_failed: bool) -> None:
-    """Cells of a group whose process died before reporting them; they have no record (or an old one)."""
+def _fail_unfinished(unit: list[PlannedCell], run: GridRun, by_id: dict, observer: GridObserver, error: str) -> None:
+    """Cells of a unit whose process died before reporting them; they have no record (or an old one)."""
     finished = {o.cell_id for o in run.outcomes}
-    for cell in group.todo(retry_failed):
+    for cell in unit:
         if cell.cell_id not in finished:
             _dispatch("finished", CellOutcome(cell.cell_id, "failed", 0.0, error), by_id, observer, run)
 
@@ -287,7 +285,8 @@ def _ray_group(items: list[tuple], env_spec: EnvSpec, retry_failed: bool, events
     return run_group(items, env_spec.build(), retry_failed, emit)
 
 
-def _run_ray(plan: Plan, env_spec: EnvSpec, observer: GridObserver, run: GridRun) -> None:
+def _run_ray(units: list[list[PlannedCell]], plan: Plan, env_spec: EnvSpec, observer: GridObserver,
+             run: GridRun) -> None:
     ray = import_ray()
     from ray.util.queue import Queue
 
@@ -299,19 +298,17 @@ def _run_ray(plan: Plan, env_spec: EnvSpec, observer: GridObserver, run: GridRun
         task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=1)(_ray_group)
         events = Queue()
         by_id = {c.cell_id: c for c in plan.cells}
-        pending = {task.remote(_payload(g, plan.retry_failed), env_spec, plan.retry_failed, events): g
-                   for g in plan.todo_groups()}
+        pending = {task.remote(_payload(unit), env_spec, plan.retry_failed, events): unit for unit in units}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.2)
             _drain_ray(events, by_id, observer, run)
             for ref in done:
-                group = pending.pop(ref)
+                unit = pending.pop(ref)
                 try:
                     ray.get(ref)
                 except Exception as exc:  # the task's process or node died
                     _drain_ray(events, by_id, observer, run)
-                    _fail_unfinished(group, run, by_id, observer, f"ray task failed: {str(exc).splitlines()[0]}",
-                                     plan.retry_failed)
+                    _fail_unfinished(unit, run, by_id, observer, f"ray task failed: {str(exc).splitlines()[0]}")
         _drain_ray(events, by_id, observer, run)
     finally:
         if started_here:
@@ -345,13 +342,13 @@ def run_plan(plan: Plan, env, executor: str = "local", workers: int = 1, observe
         raise InputError(f"--workers must be >= 1, got {workers}")
     observer = observer or NullObserver()
     run, began = GridRun(), time.perf_counter()
-    env_spec = env_spec_of(env, device)
+    env_spec, units = env_spec_of(env, device), plan.work_units(env.cache)
     if executor == "ray":
-        _run_ray(plan, env_spec, observer, run)
-    elif workers == 1 or len(plan.todo_groups()) <= 1:
-        _run_inline(plan, env, observer, run)
+        _run_ray(units, plan, env_spec, observer, run)
+    elif workers == 1 or len(units) <= 1:
+        _run_inline(units, plan, env, observer, run)
     else:
-        _run_pool(plan, env_spec, min(workers, len(plan.todo_groups())), observer, run)
+        _run_pool(units, plan, env_spec, min(workers, len(units)), observer, run)
     run.seconds = time.perf_counter() - began
     return run
 

@@ -658,6 +658,23 @@ class Plan:
     def todo(self) -> list[PlannedCell]:
         return [c for g in self.groups for c in g.todo(self.retry_failed)]
 
+    def work_units(self, cache) -> list[list[PlannedCell]]:
+        """What executors hand out, in plan order, each unit's cells run in order in one process.
+
+        A group whose victim (or clean reference model) is still to be trained is one unit, so it is
+        trained once. Once both are cached the group's cells share nothing that needs training, so
+        each is a unit of its own and they spread over the workers: a sweep of post-training
+        defenses on one victim runs in parallel.
+        """
+        units: list[list[PlannedCell]] = []
+        for group in self.todo_groups():
+            todo = group.todo(self.retry_failed)
+            if all(_shared_builds_cached(c, cache) for c in todo):
+                units.extend([c] for c in todo)
+            else:
+                units.append(todo)
+        return units
+
     def summary(self, cache) -> PlanSummary:
         todo = self.todo()
 
@@ -673,6 +690,13 @@ class Plan:
             victims_to_train=missing("victim"), clean_models_to_train=missing("clean"),
             purified_models_to_build=missing("purified"), purified_victims_to_train=missing("defended"),
             training_defense_runs=sum(c.stage == "TRAINING" for c in todo), exact=all(c.builds.exact for c in todo))
+
+
+def _shared_builds_cached(cell: PlannedCell, cache) -> bool:
+    """Whether the models a cell shares with its group (its victim, the clean one) are cached."""
+    builds = cell.builds
+    return (builds.exact and builds.victim is not None
+            and all(cache.lookup("victim", key) is not None for key in (builds.victim, builds.clean) if key))
 
 
 class KeyProbe:

@@ -176,8 +176,8 @@ BUNDLED_PLANS = {
     # what CI runs: 2 attacks x {none, ft, btu}: 2 victims, 1 clean model, 2 BTU exposures
     "smoke": (6, 2, (0, 2, 1, 0, 0, 2)),
     "sst2_reference": (28, 4, (0, 4, 1, 0, 0, 4)),
-    # 28 defense variants (budgets, rho) on one victim
-    "sst2_sensitivity": (28, 1, (0, 1, 1, 0, 0, 0)),
+    # 24 defense variants (budgets, rho) on one victim
+    "sst2_sensitivity": (24, 1, (0, 1, 1, 0, 0, 0)),
     # 3 datasets x 4 attacks x 7 defenses x 3 seeds, minus OLID x StyleBkd (no style data) x 7 x 3;
     # one victim per dataset x attack x seed, one clean model per dataset x seed, BTU's exposure per victim
     "data_poisoning": (231, 33, (0, 33, 9, 0, 0, 33)),
@@ -291,6 +291,22 @@ def test_local_workers_give_the_same_records(tmp_path, toy):
     expected = {r["cell_id"]: r["status"] for r in load_records(sequential.results_dir)}
     assert {r["cell_id"]: r["status"] for r in load_records(parallel.results_dir)} == expected
     assert with_state(plan, parallel.results_dir).summary(parallel.cache).to_run == 0
+
+
+def test_cells_of_a_cached_victim_spread_over_workers(tmp_path, toy):
+    sweep = "[none, ft, {name: ft, variant: e2, set: {epochs: 2}}]"
+    env = make_env(tmp_path)
+    plan = plan_grid(load_grid(toy_grid(tmp_path, toy, attacks="[badnet, addsent]", defenses=sweep)), env)
+    assert [len(unit) for unit in plan.work_units(env.cache)] == [3, 3]  # victims to train: a unit per group
+
+    run_plan(plan_grid(load_grid(toy_grid(tmp_path, toy, attacks="[badnet]", defenses="[none]")), env), env)
+    plan = plan_grid(load_grid(toy_grid(tmp_path, toy, attacks="[badnet, addsent]", defenses=sweep)), env)
+    # badnet's victim is cached now: its two open cells are units of their own; addsent's group is not split
+    assert [[c.spec.defense for c in unit] for unit in plan.work_units(env.cache)] == [
+        ["ft"], ["ft"], ["none", "ft", "ft"]]
+    outcomes = run_plan(plan, env, workers=2).outcomes
+    assert sorted(o.status for o in outcomes) == ["ok"] * 5
+    assert with_state(plan, env.results_dir).summary(env.cache).to_run == 0
 
 
 def test_ray_executor_gives_the_same_records_as_local(tmp_path, toy):

@@ -5,7 +5,7 @@ in one process, so the first cell trains the victim and the others load it from 
 whose victim is cached already is split into one unit per cell (``Plan.work_units``). Units
 are independent and run in parallel across processes (``local`` with ``workers > 1``: a spawn
 ``ProcessPoolExecutor``, one GPU per worker when there are several) or across a Ray cluster (one
-task per group asking for a GPU, or a CPU on CPU-only clusters; cache and results on shared storage).
+task per unit asking for a GPU, or a CPU on CPU-only clusters; cache and results on shared storage).
 
 Crash safety comes from the files, not from this module: a record is renamed into place only when
 complete and cached artifacts likewise, so after ``kill -9`` the same command re-plans, skips every
@@ -119,7 +119,8 @@ def run_one(spec, cell_id: str, env, retry_failed: bool) -> CellOutcome:
 
 
 def run_group(items: list[tuple], env, retry_failed: bool, emit: Emit) -> list[CellOutcome]:
-    """``items`` are (spec, cell_id) of one victim group, run in order so the victim is trained once."""
+    """``items`` are (spec, cell_id) of one unit (a victim group, or one cell of a cached victim's group),
+    run in order so a victim is trained once."""
     outcomes = []
     for spec, cell_id in items:
         emit("started", cell_id)
@@ -270,7 +271,7 @@ def import_ray():
 
 
 def _ray_group(items: list[tuple], env_spec: EnvSpec, retry_failed: bool, events) -> list[CellOutcome]:
-    """The body of one Ray task: the group's cells in order, events through a Ray queue."""
+    """The body of one Ray task: the unit's cells in order, events through a Ray queue."""
     import ray
     import torch
 

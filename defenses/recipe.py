@@ -32,6 +32,9 @@ Deviations (each recorded in the cell's defense info):
   attention and never labelled, so the loss is that of max-length padding; only the cost changes.
 - The epochs per attack of the reference (POR 4, BadPre 8, NeuBA 10; ``epochs_by_attack``) are not
   offered: a defense does not know the attack. The default is the attack-agnostic 8.
+- ``pooler_reset_only=true`` is the spec's control ``recipe_pooler_reset`` (§7.6): the suspect with
+  only its pooler dropped (re-initialised downstream) and no training. Next to RECIPE on NeuBA, whose
+  backdoor targets the pooler output, it shows how much of RECIPE's effect is the pooler reset alone.
 - ``mlm_term=false`` (regulariser only) and ``lam=0`` (continual pre-training only) are the paper's
   ablations; ``dynamic_mask=true`` redraws the mask every epoch (a labelled variant).
 - Data order, masks and dropout draw from named streams of the cell seed (the reference seeds 50).
@@ -96,6 +99,8 @@ class RecipeConfig:
     dynamic_mask: bool = option(False, "redraw the mask every epoch (reference: one static mask)")
     graft_steps: int | None = option(None, "cap on MLM-head graft steps for suspects without an MLM head "
                                      "(None: 2 epochs)", low=1)
+    pooler_reset_only: bool = option(False, "the spec's control recipe_pooler_reset: the suspect with only its "
+                                     "pooler re-initialised downstream, no graft and no training")
 
 
 def regularised_weights(model: PreTrainedModel, recipe: Recipe) -> list[tuple[str, torch.nn.Parameter]]:
@@ -241,8 +246,10 @@ class RECIPE(PretrainedDefense):
         config, began = self.config, time.perf_counter()
         if AutoConfig.from_pretrained(model.location).model_type not in RECIPES:
             raise InputError(f"recipe: only {', '.join(RECIPES)} models are supported")
-        corpus: TextSplit = ctx.corpus
         tokenizer = AutoTokenizer.from_pretrained(model.location)
+        if config.pooler_reset_only:
+            return self._pooler_reset(model, tokenizer, out_dir, began)
+        corpus: TextSplit = ctx.corpus
         settings = replace(GraftSettings(), max_steps=config.graft_steps)
         graft = ensure_mlm_head(model, tokenizer, corpus, ctx.seed, settings, ctx.device, cache=ctx.cache)
         seed_everything(ctx.seed, "recipe_load")
@@ -255,6 +262,13 @@ class RECIPE(PretrainedDefense):
                 else "the suspect's own", "keep_pooler": config.keep_pooler, "pooler": pooler_note,
                 "corpus_rows": len(corpus), "deviations": deviations(result, graft.info),
                 "seconds": time.perf_counter() - began}
+
+    def _pooler_reset(self, model: ModelRef, tokenizer, out_dir: Path, began: float) -> dict:
+        """Save the suspect's encoder without its pooler, so the classifier built on it gets a fresh one."""
+        encoder = AutoModel.from_pretrained(model.location, add_pooling_layer=False)
+        save_model(encoder, tokenizer, out_dir)
+        return {"control": "pooler_reset", "steps": 0, "pooler": "re-initialised downstream (control: no RECIPE)",
+                "deviations": [], "seconds": time.perf_counter() - began}
 
     def _pooler(self, suspect: str, prefix: str, out_dir: Path) -> str:
         if not self.config.keep_pooler:

@@ -111,3 +111,18 @@ def test_purify_grafts_the_suspect_and_honours_keep_pooler(tiny_dir, tiny_tokeni
 def test_recipe_is_registered_as_a_pretrained_defense_granted_only_the_corpus():
     cls = DEFENSES.get("recipe")
     assert cls is RECIPE and cls.stage is Stage.PRETRAINED and cls.grants == frozenset({"corpus"})
+
+
+def test_pooler_reset_control_keeps_the_encoder_and_drops_only_the_pooler(tiny_dir, tiny_tokenizer, tmp_path):
+    suspect = local_ref("suspect", tiny_dir)
+    ctx = make_context(tiny_tokenizer, {"corpus"}, corpus=toy_texts(40, seed=2))
+    info = RECIPE(RecipeConfig(pooler_reset_only=True)).purify(suspect, ctx, tmp_path)
+    original = BertModel.from_pretrained(tiny_dir)
+    torch.manual_seed(123)
+    classifier = load_classifier(str(tmp_path), 2)
+    assert info["control"] == "pooler_reset" and info["steps"] == 0
+    assert not torch.equal(classifier.bert.pooler.dense.weight, original.pooler.dense.weight)
+    encoder = dict(original.named_parameters())
+    for name, param in classifier.bert.named_parameters():
+        if not name.startswith("pooler."):
+            assert torch.equal(param, encoder[name]), name

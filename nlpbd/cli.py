@@ -110,6 +110,9 @@ def run(
     finetune: str = typer.Option("full", "--finetune", help="fine-tuning method of the victim"),
     seed: int = typer.Option(0, "--seed", help="cell seed (every random stream derives from it)"),
     train_size: Optional[int] = typer.Option(None, "--train-size", help="stratified train subsample for quick runs"),
+    test_size: Optional[int] = typer.Option(None, "--test-size", help="stratified test subsample for quick runs (CAcc "
+                                            "and the triggered sets are scored on it; SynBkd and StyleBkd keep "
+                                            "their whole ASR files)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (default: "
                                             "$NLPBD_DATA_DIR, ./data, ./shared/data, ../shared/data)"),
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where records are written"),
@@ -129,7 +132,7 @@ def run(
         from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 
         spec = CellSpec(attack=attack, defense=defense, dataset=dataset, model=model, finetune=finetune, seed=seed,
-                        train_size=train_size, overrides=parse_set_options(sets))
+                        train_size=train_size, test_size=test_size, overrides=parse_set_options(sets))
         env = RunEnv(results_dir=results_dir, cache=ArtifactCache(cache_dir), data_dir=data_dir,
                      device=_device(device))
         reporter = progress.NullReporter() if quiet else RichReporter(err)

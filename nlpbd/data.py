@@ -135,6 +135,24 @@ def subsample_train(dataset: Dataset, n: int | None) -> Dataset:
     return replace(dataset, train=dataset.train.subset(positions), recipe=recipe)
 
 
+def subsample_test(dataset: Dataset, n: int | None) -> Dataset:
+    """The dataset with a stratified ``n``-row test subsample (fixed split seed; same for all seeds).
+
+    CAcc and the ASR sets built from ``dataset.test`` (insertion attacks, task-agnostic trigger sets)
+    are scored on it. Attacks with their own pre-generated test files (SynBkd's ``syntactic/test.tsv``,
+    StyleBkd's ``style/*/test.tsv``) keep their whole ASR sets. The fingerprint covers the test split,
+    so poisoned data and victims of a subsampled run are cached apart from those of the whole split.
+    """
+    if n is None or n >= len(dataset.test):
+        return dataset
+    if n < 2 * dataset.num_labels:
+        raise InputError(f"--test-size {n} is too small (need at least {2 * dataset.num_labels})")
+    # A named stream of its own, so the draw is not a replay of the train subsample's draws.
+    positions = stratified_sample(dataset.test.labels, n, numpy_rng(SPLIT_SEED, "test_subsample"))
+    recipe = {**dataset.recipe, "test_size": n}
+    return replace(dataset, test=dataset.test.subset(positions), recipe=recipe)
+
+
 # --- reading and validating files -----------------------------------------------------------------
 
 
@@ -394,8 +412,9 @@ def _infer_num_labels(train: TextSplit, path: Path | None) -> int:
 
 
 def load_dataset(name_or_path: str, data_dir: str | Path | None = None,
-                 config: DataConfig | None = None, train_size: int | None = None) -> Dataset:
-    """A registered dataset by name, or a user's folder by path, optionally train-subsampled."""
+                 config: DataConfig | None = None, train_size: int | None = None,
+                 test_size: int | None = None) -> Dataset:
+    """A registered dataset by name, or a user's folder by path, optionally train- and test-subsampled."""
     config = config or DataConfig()
     path = Path(name_or_path).expanduser()
     if name_or_path not in DATASETS and (path.is_dir() or os.sep in name_or_path):
@@ -404,7 +423,7 @@ def load_dataset(name_or_path: str, data_dir: str | Path | None = None,
         dataset = load_folder(path, config)
     else:
         dataset = DATASETS.get(name_or_path).load(resolve_data_dir(data_dir))
-    return subsample_train(dataset, train_size)
+    return subsample_test(subsample_train(dataset, train_size), test_size)
 
 
 def side_file(dataset: Dataset, relative: str, what: str) -> Path:

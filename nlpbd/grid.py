@@ -13,6 +13,7 @@ A grid file (``benchmarks/grids/*.yaml``) names the axes of a comparison::
     defenses: [none, ft, btu]       # required; entries as for attacks
     seeds: [0, 1, 2]                # default [0]
     train_size: 600                 # optional stratified train subsample
+    test_size: 1000                 # optional stratified test subsample (CAcc and triggered test sets)
     set:                            # settings for every cell: SECTION.NAME: value
       train.epochs: 2               #   SECTION: attack, defense, train, budget, eval, data, or the
       ft.epochs: 2                  #   name of one of the grid's methods (then only its cells)
@@ -61,7 +62,7 @@ from nlpbd.results import RECORDS_SUBDIR
 log = logging.getLogger(__name__)
 
 TOP_KEYS = ("name", "description", "datasets", "models", "finetune", "attacks", "defenses", "seeds",
-            "train_size", "set", "exclude")
+            "train_size", "test_size", "set", "exclude")
 REQUIRED_KEYS = ("datasets", "attacks", "defenses")
 ENTRY_KEYS = ("name", "variant", "set")
 EXCLUDE_KEYS = ("dataset", "model", "finetune", "attack", "defense", "variant", "seed")
@@ -161,6 +162,7 @@ class Grid:
     defenses: tuple[MethodEntry, ...]
     seeds: tuple[int, ...]
     train_size: int | None
+    test_size: int | None
     settings: dict  # the global `set`
     exclude: tuple[dict, ...]  # key -> tuple of accepted values
     lines: SourceLines
@@ -237,12 +239,13 @@ def _seeds(data: dict, lines: SourceLines) -> tuple[int, ...]:
     return tuple(seed for seed, _ in items)
 
 
-def _train_size(data: dict, lines: SourceLines) -> int | None:
-    value = data.get("train_size")
+def _subsample_size(data: dict, key: str, lines: SourceLines) -> int | None:
+    """``train_size`` or ``test_size``: absent, or a positive integer."""
+    value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise lines.error(("train_size",), f"train_size: expected a positive integer, got {value!r}")
+        raise lines.error((key,), f"{key}: expected a positive integer, got {value!r}")
     return value
 
 
@@ -377,9 +380,10 @@ def parse_grid(path: Path) -> Grid:
     seeds = _seeds(data, lines)
     axes = _axes(datasets, models, finetune, attacks, defenses, seeds)
     return Grid(name=name, description=description, datasets=datasets, models=models, finetune=finetune,
-                attacks=attacks, defenses=defenses, seeds=seeds, train_size=_train_size(data, lines),
-                settings=_global_settings(data, lines), exclude=_exclude(data, lines, axes),
-                lines=lines)
+                attacks=attacks, defenses=defenses, seeds=seeds,
+                train_size=_subsample_size(data, "train_size", lines),
+                test_size=_subsample_size(data, "test_size", lines), settings=_global_settings(data, lines),
+                exclude=_exclude(data, lines, axes), lines=lines)
 
 
 # --- expansion ------------------------------------------------------------------------------------
@@ -446,7 +450,8 @@ def expand(grid: Grid) -> list[GridCell]:
         spec = CellSpec(attack=attack.name, defense=defense.name,
                         dataset=_absolute(dataset, _registered("dataset", dataset)),
                         model=_absolute(model, _registered("model", model)), finetune=finetune, seed=seed,
-                        train_size=grid.train_size, overrides=cell_overrides(grid, attack, defense),
+                        train_size=grid.train_size, test_size=grid.test_size,
+                        overrides=cell_overrides(grid, attack, defense),
                         variant=variant)
         cells.append(GridCell(spec, attack, defense))
     return cells
@@ -550,7 +555,7 @@ def _check_datasets(grid: Grid, data_dir: Path | str | None) -> None:
     config = apply_overrides(DataConfig(), data_settings, "data")
     for i, dataset in enumerate(grid.datasets):
         try:
-            load_dataset(dataset, data_dir, config, grid.train_size)
+            load_dataset(dataset, data_dir, config, grid.train_size, grid.test_size)
         except InputError as exc:
             raise grid.lines.error(("datasets", i), str(exc)) from None
 
@@ -773,7 +778,7 @@ def _group_key(cell, builds: Builds) -> str:
     return builds.victim or content_key({"dataset": cell.dataset.name, "model": cell.model.identity,
                                          "finetune": cell.spec.finetune, "attack": cell.attack.cache_payload(),
                                          "seed": cell.spec.seed, "train": to_dict(cell.train),
-                                         "train_size": cell.spec.train_size})
+                                         "train_size": cell.spec.train_size, "test_size": cell.spec.test_size})
 
 
 def record_state(results_dir: Path, cell_id: str) -> tuple[CellState, str | None]:
@@ -807,16 +812,16 @@ def _datasets_loaded_once() -> Iterator[None]:
 
     ``prepare_cell`` reads the dataset files for every cell (0.1-0.2 s each for AG News), which made
     planning the 231-cell data-poisoning grid take half a minute. Datasets are immutable values of
-    (name, data directory, data settings, train size), so sharing them is safe.
+    (name, data directory, data settings, train and test size), so sharing them is safe.
     """
     import nlpbd.pipeline as pipeline
 
     original, memo = pipeline.load_dataset, {}
 
-    def load(name, data_dir=None, config=None, train_size=None):
-        key = (name, str(data_dir), repr(config), train_size)
+    def load(name, data_dir=None, config=None, train_size=None, test_size=None):
+        key = (name, str(data_dir), repr(config), train_size, test_size)
         if key not in memo:
-            memo[key] = original(name, data_dir, config, train_size)
+            memo[key] = original(name, data_dir, config, train_size, test_size)
         return memo[key]
 
     pipeline.load_dataset = load

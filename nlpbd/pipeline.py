@@ -56,6 +56,7 @@ class CellSpec:
     finetune: str = "full"
     seed: int = 0
     train_size: int | None = None
+    test_size: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     variant: str | None = None
 
@@ -84,11 +85,15 @@ class Cell:
 
     @property
     def identity(self) -> dict:
-        return {"dataset": self.dataset.name, "model": self.model.name, "finetune": self.spec.finetune,
-                "attack": self.attack.name, "defense": self.defense.name, "seed": self.spec.seed,
-                "train_size": self.spec.train_size, "variant": self.spec.variant,
-                "attack_params": self.attack.params(), "defense_params": self.defense.params(),
-                "train_params": to_dict(self.train), "budget_params": to_dict(self.budget)}
+        identity = {"dataset": self.dataset.name, "model": self.model.name, "finetune": self.spec.finetune,
+                    "attack": self.attack.name, "defense": self.defense.name, "seed": self.spec.seed,
+                    "train_size": self.spec.train_size, "variant": self.spec.variant,
+                    "attack_params": self.attack.params(), "defense_params": self.defense.params(),
+                    "train_params": to_dict(self.train), "budget_params": to_dict(self.budget)}
+        # Only when set: cells on the whole test split keep the ids (record file names) they always had.
+        if self.spec.test_size is not None:
+            identity["test_size"] = self.spec.test_size
+        return identity
 
     @property
     def cell_id(self) -> str:
@@ -110,6 +115,8 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
         raise InputError(f"--seed must be >= 0, got {spec.seed}")
     if spec.train_size is not None and spec.train_size <= 0:
         raise InputError(f"--train-size must be positive, got {spec.train_size}")
+    if spec.test_size is not None and spec.test_size <= 0:
+        raise InputError(f"--test-size must be positive, got {spec.test_size}")
     if finetune.is_peft and not finetune.mergeable and defense_cls.name != "none" and \
             issubclass(defense_cls, (RepairDefense, TrainingDefense)):
         raise InputError(f"defense '{spec.defense}' edits the victim's weights and cannot run on a {finetune.name} "
@@ -124,7 +131,7 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
     train = resolve_train_config(apply_overrides(TrainConfig(), grouped["train"], "train"),
                                  finetune.defaults or model.defaults)
     check_fields(train, "train")
-    dataset = load_dataset(spec.dataset, env.data_dir, data_config, spec.train_size)
+    dataset = load_dataset(spec.dataset, env.data_dir, data_config, spec.train_size, spec.test_size)
     return Cell(spec, dataset, model, finetune, attack, defense, train,
                 apply_overrides(BudgetConfig(), grouped["budget"], "budget"),
                 apply_overrides(EvalConfig(), grouped["eval"], "eval"))

@@ -50,14 +50,18 @@ METRICS: dict[str, str] = {
 SECONDS_METRICS = frozenset({"defense_seconds"})
 EXPORT_FORMATS = ("csv", "md", "latex")
 
-IDENTITY_COLUMNS = ["dataset", "model", "finetune", "train_size", "attack", "defense", "variant", "seed", "status"]
+IDENTITY_COLUMNS = ["dataset", "model", "finetune", "train_size", "test_size", "attack", "defense", "variant", "seed",
+                    "status"]
 # Where a cell sits in the threat landscape: the attack's threat model and the defense's stage.
 CONTEXT_COLUMNS = ["threat_model", "defense_stage"]
 # Always present in the long frame, so exports have a stable minimum shape even with no records.
 CORE_METRICS = ["cacc", "asr"]
-GROUP_COLUMNS = ["dataset", "model", "finetune", "train_size", "attack", "defense"]
-# Row levels shown only where records differ in them (most tables are all-full, one training size).
-OPTIONAL_LEVELS = {"finetune": "full", "train_size": "all"}
+GROUP_COLUMNS = ["dataset", "model", "finetune", "train_size", "test_size", "attack", "defense"]
+# Row levels shown only where records differ in them (most tables are all-full, one train and test size).
+# A missing size (records written before test_size existed, too) means the whole split: "all".
+OPTIONAL_LEVELS = {"finetune": "full", "train_size": "all", "test_size": "all"}
+# Size levels are dropped whenever all rows share one, whatever it is; finetune only when it is the default.
+SIZE_LEVELS = ("train_size", "test_size")
 # cell_id becomes a file name: keep it to a safe alphabet and never a dotfile (dotfiles are temp files).
 _CELL_ID = re.compile(r"[A-Za-z0-9_\-=+,.\[\]]+")
 
@@ -301,7 +305,7 @@ def _prepared(frame: pd.DataFrame, metrics: list[str], include_failed: bool) -> 
 
 
 def _level_text(value: Any) -> str:
-    """A row label; integral numbers (a train size read back as float next to nulls) print as integers."""
+    """A row label; integral numbers (a size read back as float next to nulls) print as integers."""
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
@@ -318,8 +322,8 @@ def summary_table(
 ) -> SummaryTable:
     """Aggregate the long frame over seeds into a rows x (defense, metric) table.
 
-    Rows are (dataset, model, finetune, train_size, attack); the finetune level is dropped when every row
-    is ``full`` (the default), the train_size level when every row has the same one, and a non-null
+    Rows are (dataset, model, finetune, train_size, test_size, attack); the finetune level is dropped when
+    every row is ``full`` (the default), a size level when every row has the same one, and a non-null
     variant is appended to the attack label, ``badnet[rate=0.2]``.
     """
     metrics = _check_metrics(metrics)
@@ -331,7 +335,7 @@ def summary_table(
     std = _pivot(grouped.std(ddof=1), defenses, metrics)
     n = _pivot(grouped.count(), defenses, metrics).fillna(0).astype(int)
     for level, default in OPTIONAL_LEVELS.items():
-        if data[level].nunique() == 1 and (level == "train_size" or (data[level] == default).all()):
+        if data[level].nunique() == 1 and (level in SIZE_LEVELS or (data[level] == default).all()):
             mean, std, n = (t.droplevel(level) for t in (mean, std, n))
     return SummaryTable(mean=mean, std=std, n=n, metrics=metrics)
 

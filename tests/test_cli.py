@@ -97,12 +97,29 @@ def test_ls_lists_everything():
     (["run", "--attack", "badnet", "--set", "attack.poison_rate=abc"], ["expected a number"]),
     (["run", "--attack", "badnet", "--set", "attack.poison_rate=1.5"], ["out of range"]),
     (["run", "--attack", "badnet", "--train-size", "0"], ["--train-size"]),
+    (["run", "--attack", "badnet", "--test-size", "0"], ["--test-size must be positive, got 0"]),
     (["run", "--attack", "badnet", "--data-dir", "/nonexistent/dir"], ["/nonexistent/dir"]),
     (["run", "--attack", "badnet", "--dataset", "/nonexistent/folder"], ["does not exist"]),
     (["ls", "badnett"], ["Did you mean 'badnet'"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(invoke(*args), 2, *fragments)
+
+
+def test_test_size_reaches_the_cell(tmp_path, monkeypatch):
+    specs = []
+    monkeypatch.setattr("nlpbd.pipeline.run_cell", lambda spec, env: specs.append(spec) or {})
+    result = invoke("run", "--attack", "badnet", "--test-size", "25", "--train-size", "300",
+                    "--results-dir", str(tmp_path), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert [(s.train_size, s.test_size) for s in specs] == [(300, 25)]
+
+
+def test_test_size_too_small_for_the_dataset_is_one_line(tmp_path):
+    dataset = write_toy_dataset(tmp_path / "toy")
+    result = invoke("run", "--attack", "badnet", "--dataset", str(dataset), "--model", "tiny-bert",
+                    "--test-size", "3", "--results-dir", str(tmp_path / "r"))
+    assert_one_line_error(result, 2, "--test-size 3 is too small (need at least 4)")
 
 
 def test_malformed_dataset_file_names_file_and_line(tmp_path):

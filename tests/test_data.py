@@ -15,7 +15,8 @@ import pytest
 import nlpbd.data as data_module
 from helpers import SHARED_DATA
 from nlpbd.config import DataConfig
-from nlpbd.data import DATASETS, TextSplit, load_dataset, stratified_counts, stratified_sample
+from nlpbd.data import (DATASETS, Dataset, TextSplit, load_dataset, stratified_counts, stratified_sample,
+                        subsample_test)
 from nlpbd.errors import InputError
 from nlpbd.seeding import numpy_rng, seed_everything
 
@@ -122,6 +123,64 @@ def test_train_size_subsample_is_deterministic_and_ignores_global_seeds():
 def test_train_size_below_two_per_class_is_an_input_error():
     with pytest.raises(InputError, match="--train-size 7 is too small"):
         load_dataset("agnews", data_dir=SHARED_DATA, train_size=7)
+
+
+# --- test subsampling -----------------------------------------------------------------------------
+
+
+def skewed_dataset() -> Dataset:
+    """Three classes, a shuffled 30/20/10 test split whose ids are file rows 100.. (not positions)."""
+    labels = [y for y, count in enumerate((30, 20, 10)) for _ in range(count)]
+    random.Random(0).shuffle(labels)
+    test = TextSplit.build([f"test row {i}" for i in range(60)], labels, [100 + i for i in range(60)])
+    train = TextSplit.build([f"train row {i}" for i in range(12)], [i % 3 for i in range(12)])
+    return Dataset("skewed", 3, train, train, test, default_target=0, source="memory")
+
+
+def test_test_size_subsample_is_stratified_and_keeps_ids():
+    full = skewed_dataset()
+    small = subsample_test(full, 12)
+    assert Counter(small.test.labels) == {0: 6, 1: 4, 2: 2}
+    assert list(small.test.ids) == sorted(set(small.test.ids)) and set(small.test.ids) < set(full.test.ids)
+    by_id = {i: (t, y) for i, t, y in zip(full.test.ids, full.test.texts, full.test.labels)}
+    assert all(by_id[i] == (t, y) for i, t, y in zip(small.test.ids, small.test.texts, small.test.labels))
+    assert (small.train, small.dev) == (full.train, full.dev)
+    assert small.recipe == {"test_size": 12} and small.fingerprint != full.fingerprint
+
+
+def test_test_size_subsample_is_deterministic_and_has_its_own_stream():
+    full = skewed_dataset()
+    random.seed(1), np.random.seed(1), seed_everything(1, "init")
+    first = subsample_test(full, 12)
+    random.seed(99), np.random.seed(99), seed_everything(7, "init")
+    assert subsample_test(full, 12).test == first.test
+    positions = stratified_sample(full.test.labels, 12, numpy_rng(0, "test_subsample"))
+    assert first.test == full.test.subset(positions)
+    assert positions != stratified_sample(full.test.labels, 12, numpy_rng(0, "train_subsample"))
+
+
+@pytest.mark.parametrize("n", [None, 60, 61])
+def test_test_size_at_or_above_the_split_is_the_whole_dataset(n):
+    full = skewed_dataset()
+    assert subsample_test(full, n) is full
+
+
+def test_test_size_below_two_per_class_is_an_input_error():
+    with pytest.raises(InputError, match=r"--test-size 5 is too small \(need at least 6\)"):
+        subsample_test(skewed_dataset(), 5)
+    assert len(subsample_test(skewed_dataset(), 6).test) == 6
+
+
+@needs_data
+@pytest.mark.parametrize("name, n", [("sst2", 500), ("agnews", 1001)])
+def test_test_size_of_a_registered_dataset_leaves_train_and_dev_alone(name, n):
+    full = load_dataset(name, data_dir=SHARED_DATA)
+    both = load_dataset(name, data_dir=SHARED_DATA, train_size=1000, test_size=n)
+    assert Counter(both.test.labels) == stratified_counts(dict(Counter(full.test.labels)), n)
+    assert all(full.test.texts[i] == t for i, t in zip(both.test.ids, both.test.texts))
+    assert both.train == load_dataset(name, data_dir=SHARED_DATA, train_size=1000).train
+    assert both.dev == full.dev
+    assert (both.recipe["train_size"], both.recipe["test_size"]) == (1000, n)
 
 
 @pytest.mark.parametrize("label_counts, n, expected", [

@@ -15,7 +15,8 @@ from nlpbd.cache import ArtifactCache
 from nlpbd.cli import app
 from nlpbd.errors import InputError
 from nlpbd.executors import run_plan
-from nlpbd.grid import expand, load_grid, parse_grid, plan_grid, unregistered_methods, with_state
+from nlpbd.grid import (_datasets_loaded_once, expand, load_grid, parse_grid, plan_grid, unregistered_methods,
+                        with_state)
 from nlpbd.pipeline import RunEnv
 from nlpbd.results import load_records
 
@@ -107,6 +108,9 @@ seeds: [0]
     (BASE.replace("[tiny-bert]", "[minilmm]"), 3, ["unknown model 'minilmm'", "Did you mean 'minilm'"]),
     (BASE.replace("[0]", "[0, one]"), 6, ["seeds: expected an integer", "'one'"]),
     (BASE + "train_size: many\n", 7, ["train_size: expected a positive integer"]),
+    (BASE + "test_size: 0\n", 7, ["test_size: expected a positive integer, got 0"]),
+    (BASE + "test_size: abc\n", 7, ["test_size: expected a positive integer, got 'abc'"]),
+    (BASE + "test_size: true\n", 7, ["test_size: expected a positive integer, got True"]),
     (BASE + "set:\n  train.epochs: 1\n  ft.epoch: 2\n", 9, ["unknown setting 'defense.epoch'", "defense.epochs"]),
     (BASE + "set:\n  train.epochs: two\n", 8, ["train.epochs: expected an integer", "'two'"]),
     (BASE + "set:\n  trian.epochs: 2\n", 8, ["unknown section", "'trian'", "Did you mean 'train'"]),
@@ -132,6 +136,31 @@ def test_validation_errors_name_the_line(tmp_path, body, line, fragments):
     assert message.startswith(f"{path} line {line}: "), message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_test_size_reaches_every_cell_and_the_dataset_check(tmp_path, toy):
+    cells = expand(parse_grid(toy_grid(tmp_path, toy, extra="test_size: 20\n")))
+    assert [c.spec.test_size for c in cells] == [20, 20]
+    assert {c.spec.test_size for c in expand(parse_grid(toy_grid(tmp_path, toy)))} == {None}
+    path = toy_grid(tmp_path, toy, extra="test_size: 3\n")
+    with pytest.raises(InputError) as caught:
+        load_grid(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} line 2: ") and "--test-size 3 is too small" in message, message
+
+
+def test_planning_keeps_test_sizes_apart(tmp_path, toy):
+    import nlpbd.pipeline as pipeline
+
+    with _datasets_loaded_once():  # the memo of planning: one load per (dataset, settings, sizes)
+        subsampled = pipeline.load_dataset(str(toy), None, None, None, 20)
+        whole = pipeline.load_dataset(str(toy), None, None, None, None)
+        assert pipeline.load_dataset(str(toy), None, None, None, 20) is subsampled
+    assert (len(subsampled.test), len(whole.test)) == (20, 60)
+    env = make_env(tmp_path)
+    ids = [{c.cell_id for c in plan_grid(load_grid(toy_grid(tmp_path, toy, extra=extra)), env).cells}
+           for extra in ("", "test_size: 20\n")]
+    assert len(ids[0]) == len(ids[1]) == 2 and not ids[0] & ids[1]
 
 
 def test_validate_command_ok_and_error(tmp_path, toy):

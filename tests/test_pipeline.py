@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from helpers import toy_texts, write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import InputError
-from nlpbd.pipeline import CellSpec, RunEnv, run_cell
+from nlpbd.pipeline import CellSpec, RunEnv, prepare_cell, run_cell
 from nlpbd.results import load_records
 
 FAST = {"train.epochs": "2", "train.batch_size": "16", "train.max_length": "32"}
@@ -101,3 +102,41 @@ def test_failure_inside_a_cell_is_recorded(toy_dataset, env):
         run_cell(spec, env)
     (record,) = load_records(env.results_dir)
     assert record["status"] == "failed" and "synbkd" in record["error"]
+
+
+# --- test subsample -------------------------------------------------------------------------------
+
+# The identity of a cell on the whole test split, as records have always stored it: its digest is
+# part of cell_id, the record file name that grids use to skip finished cells.
+WHOLE_SPLIT_IDENTITY = {"dataset", "model", "finetune", "attack", "defense", "seed", "train_size", "variant",
+                        "attack_params", "defense_params", "train_params", "budget_params"}
+
+
+def test_identity_without_test_size_is_unchanged_and_test_sizes_get_their_own_ids(toy_dataset, env):
+    whole = prepare_cell(cell(toy_dataset), env)
+    assert set(whole.identity) == WHOLE_SPLIT_IDENTITY
+    subsampled = [prepare_cell(replace(cell(toy_dataset), test_size=n), env) for n in (20, 30)]
+    assert subsampled[0].identity == {**whole.identity, "test_size": 20}
+    assert len({whole.cell_id, *(c.cell_id for c in subsampled)}) == 3
+    assert [len(c.dataset.test) for c in (whole, *subsampled)] == [60, 20, 30]
+
+
+def test_test_subsample_is_the_same_for_every_seed(toy_dataset, env):
+    tests = [prepare_cell(replace(cell(toy_dataset), seed=seed, test_size=20), env).dataset.test for seed in (0, 1)]
+    assert tests[0] == tests[1] and len(tests[0]) == 20
+
+
+@pytest.mark.parametrize("size", [0, -5])
+def test_non_positive_test_size_fails_before_any_work(toy_dataset, env, size):
+    with pytest.raises(InputError, match=f"--test-size must be positive, got {size}"):
+        run_cell(replace(cell(toy_dataset), test_size=size), env)
+    assert not (env.results_dir / "records").exists()
+
+
+def test_cacc_and_asr_are_scored_on_the_test_subsample(toy_dataset, env):
+    record = run_cell(replace(cell(toy_dataset, **{"eval.floor": "false"}), test_size=20), env)
+    metrics = record["metrics"]
+    assert metrics["n_clean"] == 20
+    assert metrics["n_poison"] == 10  # the non-target half of a stratified 10 / 10 subsample
+    assert record["cell"]["test_size"] == 20 and record["dataset_info"]["sizes"]["test"] == 20
+    assert record["attack_info"]["n_p"] == 20  # poisoning still covers the whole train split

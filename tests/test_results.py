@@ -38,20 +38,21 @@ def make_record(
     variant: str | None = None,
     finetune: str = "full",
     train_size: int | None = 2000,
+    test_size: int | None = None,
     train_params: dict | None = None,
     status: str = "ok",
     extra_metrics: dict | None = None,
     defense_seconds: float | None = None,
 ) -> dict:
     """A minimal but schema-shaped record; the cell_id mimics the runner's naming."""
-    suffix = f"{variant or 'base'}-{train_size}-{len(train_params or {})}"
+    suffix = f"{variant or 'base'}-{train_size}-{len(train_params or {})}" + (f"-t{test_size}" if test_size else "")
     cell_id = f"sst2__minilm__{finetune}__{attack}__{defense}__s{seed}__{suffix}".replace("=", "-")
     metrics = {"cacc": cacc, "asr": asr, "asr_floor": 0.1, "delta_cacc": 0.0, "delta_asr": 0.0}
     metrics.update(extra_metrics or {})
     timings: dict = {"total_seconds": 10.0}
     if defense_seconds is not None:
         timings["defense_fit"] = {"seconds": defense_seconds, "cached": False}
-    return {
+    record = {
         "schema": SCHEMA,
         "cell_id": cell_id,
         "status": status,
@@ -79,6 +80,9 @@ def make_record(
         "memory": {"peak_rss_mb": 100.0, "peak_gpu_mb": {"victim": None}},
         "provenance": {"nlpbd": "0.1.0"},
     }
+    if test_size is not None:  # like the runner: records on the whole test split have no test_size key
+        record["cell"]["test_size"] = test_size
+    return record
 
 
 # ------------------------------------------------------------------ files
@@ -153,7 +157,7 @@ def test_records_frame_columns_and_values() -> None:
     ]
     frame = records_frame(records)
     assert list(frame.columns) == [
-        "dataset", "model", "finetune", "train_size", "attack", "defense", "variant", "seed", "status",
+        "dataset", "model", "finetune", "train_size", "test_size", "attack", "defense", "variant", "seed", "status",
         "cacc", "asr", "frr", "far", "delta_cacc", "delta_asr", "asr_floor", "n_clean",
         "defense_seconds", "cell_id", "settings",
     ]  # fmt: skip
@@ -206,6 +210,24 @@ def test_summary_keeps_training_sizes_apart() -> None:
     assert table.mean.at[("sst2", "minilm", "1000", "badnet"), ("none", "cacc")] == pytest.approx(0.80)
     assert table.mean.at[("sst2", "minilm", "all", "badnet"), ("none", "asr")] == pytest.approx(0.5)
     assert table.n.at[("sst2", "minilm", "all", "badnet"), ("none", "cacc")] == 1
+
+
+def test_summary_keeps_test_sizes_apart_and_reads_old_records_as_all() -> None:
+    old = make_record("none", 0, 0.80, 1.0)  # a record from before test_size: no key in its cell
+    assert "test_size" not in old["cell"]
+    frame = records_frame([old, make_record("none", 0, 0.90, 0.5, test_size=500)])
+    assert frame["test_size"].isna().tolist() == [True, False]
+    table = summary_table(frame)
+    assert list(table.mean.index.names) == ["dataset", "model", "test_size", "attack"]
+    assert table.mean.at[("sst2", "minilm", "all", "badnet"), ("none", "cacc")] == pytest.approx(0.80)
+    assert table.mean.at[("sst2", "minilm", "500", "badnet"), ("none", "asr")] == pytest.approx(0.5)
+    assert table.n.at[("sst2", "minilm", "500", "badnet"), ("none", "cacc")] == 1
+
+
+def test_summary_with_one_test_size_has_no_test_size_level() -> None:
+    table = summary_table(records_frame([make_record("none", seed, test_size=500) for seed in (0, 1)]))
+    assert list(table.mean.index.names) == ["dataset", "model", "attack"]
+    assert table.n.at[("sst2", "minilm", "badnet"), ("none", "cacc")] == 2
 
 
 def test_summary_refuses_to_average_different_settings_as_seeds() -> None:

@@ -215,12 +215,16 @@ BUNDLED_PLANS = {
     "checkpoint_poisoning": (270, 45, (27, 45, 27, 0, 0, 0)),
     # task-agnostic releases and RECIPE's purified models are shared by all datasets: one per attack x seed
     "pretrained_backdoor": (135, 27, (9, 27, 9, 9, 27, 0)),
+    # the CPU-scale references: 3 releases, 3 victims, 1 clean model, RECIPE on each release plus
+    # the pooler-reset control on NeuBA's, each purified model fine-tuned once
+    "pretrained_reference_sst2": (13, 3, (3, 3, 1, 4, 4, 0)),
+    "pretrained_reference_agnews": (13, 3, (3, 3, 1, 4, 4, 0)),
 }
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "ag" / "train.tsv").is_file(), reason="no benchmark data")
 @pytest.mark.parametrize("name", sorted(BUNDLED_PLANS))
-def test_bundled_grids_train_far_fewer_models_than_cells(tmp_path, name):
+def test_bundled_grids_plan_the_expected_trainings(tmp_path, name):
     result = invoke("grid", REPO / "benchmarks" / "grids" / f"{name}.yaml", "--dry-run", "--json",
                     "--data-dir", SHARED_DATA, "--results-dir", tmp_path / "r", "--cache-dir", tmp_path / "c")
     assert result.exit_code == 0, result.output
@@ -230,7 +234,9 @@ def test_bundled_grids_train_far_fewer_models_than_cells(tmp_path, name):
     keys = ("suspects_to_build", "victims_to_train", "clean_models_to_train", "purified_models_to_build",
             "purified_victims_to_train", "training_defense_runs")
     assert tuple(plan[k] for k in keys) == builds
-    assert plan["trainings"] == sum(builds) < cells
+    assert plan["trainings"] == sum(builds)
+    if not name.startswith("pretrained_reference"):  # there, each RECIPE cell purifies and fine-tunes its own
+        assert plan["trainings"] < cells
 
 
 def test_planned_keys_match_the_pipeline(tmp_path, toy):

@@ -188,9 +188,10 @@ def _record_summary(record: dict) -> Table:
 def table(
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
     fmt: TableFormat = typer.Option(TableFormat.rich, "--format", "-f", help="rich (terminal), csv, md, latex, json"),
-    metrics: str = typer.Option("cacc,asr", "--metrics", help="comma-separated metrics by key or label: cacc, asr, "
-                                "aasr, masr, frr, far, auroc, delta_cacc (ΔCAcc), delta_asr (ΔASR), asr_floor, "
-                                "defense_seconds (time)"),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="comma-separated metrics by key or label: cacc, "
+                                          "asr, aasr, masr, frr, far, auroc, delta_cacc (ΔCAcc), delta_asr (ΔASR), "
+                                          "asr_floor, defense_seconds (time); default: CAcc, ASR, and AASR / MASR "
+                                          "where records have them"),
     group_by: GroupBy = typer.Option(GroupBy.none, "--group-by", help="one table per threat model "
                                      "(threat-model), with only its own defenses as columns"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
@@ -210,7 +211,8 @@ def table(
         if fmt is TableFormat.json:
             _emit(results.export_json(frame), output)
             return
-        names = [results.metric_key(m) for m in metrics.split(",") if m.strip()]
+        names = results.default_metrics(frame) if metrics is None else \
+            [results.metric_key(m) for m in metrics.split(",") if m.strip()]
         if group_by is not GroupBy.none:
             _emit_groups(results, frame, names, fmt, output, include_failed, results_dir)
             return

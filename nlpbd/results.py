@@ -522,6 +522,12 @@ THREAT_MODEL_ORDER = ("data poisoning", "poisoned fine-tuned checkpoint", "task-
 UNKNOWN_GROUP = "unknown"
 
 
+def default_metrics(frame: pd.DataFrame) -> list[str]:
+    """CAcc and the attack-success measures the records have: ASR, and AASR / MASR for task-agnostic cells."""
+    measured = [k for k in ("asr", "aasr", "masr") if k in frame and frame[k].notna().any()]
+    return ["cacc", *(measured or ["asr"])]
+
+
 def metric_key(name: str) -> str:
     """A metric by key (``delta_asr``), table label (``ΔASR``, any case) or alias (``time``)."""
     text = name.strip()

@@ -16,6 +16,7 @@ from nlpbd.results import (
     METRICS,
     RECORDS_SUBDIR,
     SCHEMA,
+    default_metrics,
     export_json,
     export_table,
     format_cell,
@@ -372,3 +373,12 @@ def test_render_rich_headers_and_cells() -> None:
 def test_metric_labels() -> None:
     assert METRICS["delta_cacc"] == "ΔCAcc"
     assert METRICS["defense_seconds"] == "Time (s)"
+
+
+def test_default_metrics_follow_what_the_records_measured():
+    data_poisoning = records_frame([make_record("none"), make_record("ft")])
+    assert default_metrics(data_poisoning) == ["cacc", "asr"]
+    task_agnostic = make_record("none", attack="por", asr=None, extra_metrics={"aasr": 0.6, "masr": 0.9})
+    assert default_metrics(records_frame([task_agnostic])) == ["cacc", "aasr", "masr"]
+    assert default_metrics(records_frame([task_agnostic, make_record("none")])) == ["cacc", "asr", "aasr", "masr"]
+    assert default_metrics(records_frame([make_record("none", cacc=None, asr=None)])) == ["cacc", "asr"]

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -126,13 +126,7 @@ def carve(split: TextSplit, n: int, name: str) -> tuple[TextSplit, TextSplit]:
 
 def subsample_train(dataset: Dataset, n: int | None) -> Dataset:
     """The dataset with a stratified ``n``-row train subsample (fixed split seed; same for all seeds)."""
-    if n is None or n >= len(dataset.train):
-        return dataset
-    if n < 2 * dataset.num_labels:
-        raise InputError(f"--train-size {n} is too small (need at least {2 * dataset.num_labels})")
-    positions = stratified_sample(dataset.train.labels, n, numpy_rng(SPLIT_SEED, "train_subsample"))
-    recipe = {**dataset.recipe, "train_size": n}
-    return replace(dataset, train=dataset.train.subset(positions), recipe=recipe)
+    return _subsample(dataset, "train", n)
 
 
 def subsample_test(dataset: Dataset, n: int | None) -> Dataset:
@@ -143,14 +137,19 @@ def subsample_test(dataset: Dataset, n: int | None) -> Dataset:
     StyleBkd's ``style/*/test.tsv``) keep their whole ASR sets. The fingerprint covers the test split,
     so poisoned data and victims of a subsampled run are cached apart from those of the whole split.
     """
-    if n is None or n >= len(dataset.test):
+    return _subsample(dataset, "test", n)
+
+
+def _subsample(dataset: Dataset, split: Literal["train", "test"], n: int | None) -> Dataset:
+    rows: TextSplit = getattr(dataset, split)
+    if n is None or n >= len(rows):
         return dataset
     if n < 2 * dataset.num_labels:
-        raise InputError(f"--test-size {n} is too small (need at least {2 * dataset.num_labels})")
-    # A named stream of its own, so the draw is not a replay of the train subsample's draws.
-    positions = stratified_sample(dataset.test.labels, n, numpy_rng(SPLIT_SEED, "test_subsample"))
-    recipe = {**dataset.recipe, "test_size": n}
-    return replace(dataset, test=dataset.test.subset(positions), recipe=recipe)
+        raise InputError(f"--{split}-size {n} is too small (need at least {2 * dataset.num_labels})")
+    # A named stream per split, so the test draw is not a replay of the train draw.
+    positions = stratified_sample(rows.labels, n, numpy_rng(SPLIT_SEED, f"{split}_subsample"))
+    recipe = {**dataset.recipe, f"{split}_size": n}
+    return replace(dataset, **{split: rows.subset(positions)}, recipe=recipe)
 
 
 # --- reading and validating files -----------------------------------------------------------------

@@ -63,7 +63,7 @@ def to_markdown(frame: pd.DataFrame, victim: dict | None) -> str:
     """Rows: settings; columns: budgets (with the size of D_c); cells: CAcc / ASR."""
     budgets = sorted(frame["budget"].unique())
     sizes = frame.groupby("budget")["n_c"].first()
-    header = ["setting"] + [f"{b:.0%} of train ({sizes[b]} rows)" for b in budgets]
+    header = ["setting"] + [f"{b:.0%} of train ({sizes[b]:,} rows)" for b in budgets]
     lines = [header, ["---"] + ["---:"] * len(budgets)]
     if victim is not None:
         lines.append(["none (victim)"] + [f"{victim['cacc']:.3f} / {victim['asr']:.3f}"] * len(budgets))

@@ -62,15 +62,28 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def build_lock(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_file``; the kernel releases it when the holder exits or dies."""
+def build_lock(lock_file: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``lock_file``; the kernel releases it when the holder exits or dies.
+
+    Yields whether the lock is held: False where the file system has no locks.
+    """
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            locked = True
         except OSError:  # no locks on this file system (some network mounts): builds may then overlap
-            pass
-        yield
+            locked = False
+        yield locked
+
+
+def sweep_abandoned_builds(final: Path) -> None:
+    """Remove the temporary directories of builds of ``final`` whose process died (``kill -9``, power loss).
+
+    Only safe while holding the key's build lock: then no live builder of this key owns one.
+    """
+    for tmp in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fsync_tree(directory: Path) -> None:
@@ -123,10 +136,12 @@ class ArtifactCache:
         found = self.lookup(kind, key)
         if found is not None:
             return found
-        with build_lock(self.root / LOCKS_DIR / kind / f"{key}.lock"):
+        with build_lock(self.root / LOCKS_DIR / kind / f"{key}.lock") as exclusive:
             found = self.lookup(kind, key)  # built by someone else while we waited
             if found is not None:
                 return found
+            if exclusive:
+                sweep_abandoned_builds(self.path(kind, key))
             with atomic_directory(self.path(kind, key)) as tmp:
                 meta = {"kind": kind, "key": key, "payload": payload, **build(tmp)}
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))

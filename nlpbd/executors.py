@@ -16,6 +16,7 @@ its record (written by ``run_cell``); the grid goes on.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -23,7 +24,7 @@ import queue as queue_module
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Callable, Iterator, Literal, Protocol
 
 from nlpbd.errors import InputError
 from nlpbd.grid import Plan, PlannedCell, record_state
@@ -158,12 +159,47 @@ def _dispatch(kind: str, payload, by_id: dict[str, PlannedCell], observer: GridO
 # --- local worker processes ------------------------------------------------------------------------
 
 _worker_events = None  # set in each worker by _init_worker
+_worker_share: "CoreShare | None" = None
 
 
-def _init_worker(events, counter, gpus: list[str], threads: int) -> None:
+class CoreShare:
+    """A progress reporter for pool workers that keeps each busy worker at its share of the CPU cores.
+
+    A worker pinned to ``cores // workers`` threads for its whole life would crawl on through a long
+    unit (a 1,000-step pre-training) on one core after the other workers ran out of work. Every
+    training step reports progress, so there, at most every ``every`` seconds, the worker sets its
+    thread count to ``cores // busy workers``: intra-op threads can only be changed from the thread
+    that runs the ops. Thread counts change reduction order, so results match a serial run to float
+    tolerance, not bit for bit (as with any thread count).
+    """
+
+    def __init__(self, busy, cores: int, every: float = 5.0):
+        self.busy, self.cores, self.every = busy, cores, every
+        self._next_check = 0.0
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        yield self._advance
+
+    def _advance(self, n: int = 1) -> None:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self.every
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        import torch
+
+        share = max(1, self.cores // max(1, self.busy.value))
+        if torch.get_num_threads() != share:
+            torch.set_num_threads(share)
+
+
+def _init_worker(events, counter, busy, gpus: list[str], threads: int) -> None:
     """Runs once per worker process, before torch is imported there: pin a GPU and the thread count."""
-    global _worker_events
+    global _worker_events, _worker_share
     _worker_events = events
+    _worker_share = CoreShare(busy, cpu_count())
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -176,10 +212,25 @@ def _init_worker(events, counter, gpus: list[str], threads: int) -> None:
 
 
 def _worker_group(items: list[tuple], env_spec: EnvSpec, retry_failed: bool) -> list[CellOutcome]:
+    from nlpbd import progress
+
     def emit(kind: str, payload) -> None:
         _worker_events.put((kind, payload))
 
-    return run_group(items, env_spec.build(), retry_failed, emit)
+    with _busy(_worker_share.busy), progress.using(_worker_share):
+        _worker_share.rebalance()
+        return run_group(items, env_spec.build(), retry_failed, emit)
+
+
+@contextlib.contextmanager
+def _busy(counter) -> Iterator[None]:
+    with counter.get_lock():
+        counter.value += 1
+    try:
+        yield
+    finally:
+        with counter.get_lock():
+            counter.value -= 1
 
 
 def visible_gpus() -> list[str]:
@@ -212,14 +263,14 @@ def _own_gpu(env_spec: EnvSpec) -> EnvSpec:
 def _run_pool(units: list[list[PlannedCell]], plan: Plan, env_spec: EnvSpec, workers: int, observer: GridObserver,
               run: GridRun) -> None:
     context = multiprocessing.get_context("spawn")
-    events, counter = context.Queue(), context.Value("i", 0)
+    events, counter, busy = context.Queue(), context.Value("i", 0), context.Value("i", 0)
     gpus = visible_gpus() if (env_spec.device or "cuda").startswith("cuda") else []
     gpus = gpus if len(gpus) > 1 else []
     threads = max(1, cpu_count() // workers)
     env_spec = _own_gpu(env_spec) if gpus else env_spec
     by_id = {c.cell_id: c for c in plan.cells}
     with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(events, counter, gpus, threads)) as pool:
+                                     initargs=(events, counter, busy, gpus, threads)) as pool:
         pending = {pool.submit(_worker_group, _payload(unit), env_spec, plan.retry_failed): unit for unit in units}
         try:
             _drain_until_done(pending, events, by_id, observer, run)

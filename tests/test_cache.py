@@ -210,3 +210,15 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("NLPBD_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert ArtifactCache().root == tmp_path / "xdg" / "nlpbd"
+
+
+def test_a_killed_builders_temporary_directory_is_swept_by_the_next_build(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    key, other = content_key({"x": 1}), content_key({"x": 2})
+    abandoned = tmp_path / "thing" / f".tmp-{key}-dead0001"  # what kill -9 mid-build leaves
+    unrelated = tmp_path / "thing" / f".tmp-{other}-dead0002"  # another key's build may be live
+    for directory in (abandoned, unrelated):
+        directory.mkdir(parents=True)
+        (directory / "half.bin").write_bytes(b"\0" * 10)
+    built = cache.get_or_build("thing", {"x": 1}, lambda d: {})
+    assert built.cached is False and not abandoned.exists() and unrelated.is_dir()

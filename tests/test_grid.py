@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from helpers import SHARED_DATA, write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.cli import app
 from nlpbd.errors import InputError
-from nlpbd.executors import run_plan
+from nlpbd.executors import CoreShare, run_plan
 from nlpbd.grid import (_datasets_loaded_once, expand, load_grid, parse_grid, plan_grid, unregistered_methods,
                         with_state)
 from nlpbd.pipeline import RunEnv
@@ -326,6 +327,32 @@ def test_local_workers_give_the_same_records(tmp_path, toy):
     expected = {r["cell_id"]: r["status"] for r in load_records(sequential.results_dir)}
     assert {r["cell_id"]: r["status"] for r in load_records(parallel.results_dir)} == expected
     assert with_state(plan, parallel.results_dir).summary(parallel.cache).to_run == 0
+
+
+def test_a_worker_left_alone_takes_the_idle_cores():
+    import torch
+
+    busy = SimpleNamespace(value=2)
+    share = CoreShare(busy, cores=4, every=0.0)
+    previous = torch.get_num_threads()
+    try:
+        with share.task("training", 10) as advance:
+            advance(1)
+            assert torch.get_num_threads() == 2  # two busy workers split four cores
+            busy.value = 1  # the other worker ran out of units
+            advance(1)
+            assert torch.get_num_threads() == 4
+            busy.value = 8  # more workers than cores: never below one thread
+            advance(1)
+            assert torch.get_num_threads() == 1
+        slow = CoreShare(SimpleNamespace(value=1), cores=3, every=3600.0)
+        with slow.task("training", 10) as advance:
+            advance(1)  # the first step checks
+            torch.set_num_threads(2)
+            advance(1)  # the next check is an hour away: left as it is
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_cells_of_a_cached_victim_spread_over_workers(tmp_path, toy):

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 CACHE_ENV = "NLPBD_CACHE"
 META_FILE = "artifact.json"
+TMP_PREFIX = ".tmp-"
 LOCKS_DIR = ".locks"  # one empty file per key ever built; never read as an artifact
 
 
@@ -42,11 +43,16 @@ def content_key(payload: Any) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
+def temporary_sibling(final: Path) -> Path:
+    """Where ``final`` is written before it is renamed into place (dot-named: never an artifact)."""
+    return final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``final`` only if the block completes."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(final)
     tmp.mkdir()
     try:
         yield tmp
@@ -82,7 +88,7 @@ def sweep_abandoned_builds(final: Path) -> None:
 
     Only safe while holding the key's build lock: then no live builder of this key owns one.
     """
-    for tmp in final.parent.glob(f".tmp-{final.name}-*"):
+    for tmp in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -94,17 +100,21 @@ def fsync_tree(directory: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step: readers see the old file or the new, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(path)
     try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
+        with tmp.open("wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

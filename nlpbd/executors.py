@@ -195,8 +195,8 @@ class CoreShare:
             torch.set_num_threads(share)
 
 
-def _init_worker(events, counter, busy, gpus: list[str], threads: int) -> None:
-    """Runs once per worker process, before torch is imported there: pin a GPU and the thread count."""
+def _init_worker(events, counter, busy, gpus: list[str]) -> None:
+    """Runs once per worker process, before torch is imported there: pin a GPU; threads follow ``busy``."""
     global _worker_events, _worker_share
     _worker_events = events
     _worker_share = CoreShare(busy, cpu_count())
@@ -206,9 +206,6 @@ def _init_worker(events, counter, busy, gpus: list[str], threads: int) -> None:
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     quiet_libraries()
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _worker_group(items: list[tuple], env_spec: EnvSpec, retry_failed: bool) -> list[CellOutcome]:
@@ -266,11 +263,10 @@ def _run_pool(units: list[list[PlannedCell]], plan: Plan, env_spec: EnvSpec, wor
     events, counter, busy = context.Queue(), context.Value("i", 0), context.Value("i", 0)
     gpus = visible_gpus() if (env_spec.device or "cuda").startswith("cuda") else []
     gpus = gpus if len(gpus) > 1 else []
-    threads = max(1, cpu_count() // workers)
     env_spec = _own_gpu(env_spec) if gpus else env_spec
     by_id = {c.cell_id: c for c in plan.cells}
     with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(events, counter, busy, gpus, threads)) as pool:
+                                     initargs=(events, counter, busy, gpus)) as pool:
         pending = {pool.submit(_worker_group, _payload(unit), env_spec, plan.retry_failed): unit for unit in units}
         try:
             _drain_until_done(pending, events, by_id, observer, run)

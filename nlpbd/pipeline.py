@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -293,7 +292,8 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
         state.suspect = suspect_stage(cell, env)
         if state.suspect is not None:
             stage.cached(state.suspect)
-    state.start = artifact_ref(f"{cell.attack.name}-release", state.suspect, cell.model) if state.suspect else cell.model
+    state.start = (artifact_ref(f"{cell.attack.name}-release", state.suspect, cell.model) if state.suspect
+                   else cell.model)
     with state.clock.stage("poison") as stage:
         state.poisoned, artifact = poison_stage(cell, env.cache)
         stage.cached(artifact)
@@ -464,7 +464,8 @@ def _record(cell: Cell, env: RunEnv, state: CellState, status: str, error: str |
                          "grants": sorted(cell.defense.grants), "version": cell.defense.version},
         "budget": state.budget.info() if state.budget else None,
         "victim": {"key": state.victim.meta["key"], "train": state.victim.meta.get("train")} if state.victim else None,
-        "suspect": {"key": state.suspect.meta["key"], "info": state.suspect.meta.get("info")} if state.suspect else None,
+        "suspect": ({"key": state.suspect.meta["key"], "info": state.suspect.meta.get("info")} if state.suspect
+                    else None),
         "dataset_info": {"source": cell.dataset.source, "fingerprint": cell.dataset.fingerprint,
                          "sizes": {s: len(getattr(cell.dataset, s)) for s in ("train", "dev", "test")}},
         "model_info": {"identity": cell.model.identity, "location": cell.model.location, **cell.model.info},

@@ -10,13 +10,13 @@ Agg backend, without dates in the files, so a rerun on the same records writes i
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from nlpbd.cache import atomic_write_bytes
 from nlpbd.errors import InputError
 from nlpbd.results import SummaryTable, summary_table
 
@@ -170,18 +170,9 @@ def save_plots(frame: pd.DataFrame, output: Path, fmt: str = "png", include_fail
     with matplotlib.rc_context({"svg.hashsalt": "nlpbd", "font.size": 9}):
         for key, fig in figures(frame, include_failed).items():
             path = output / _file_name(key, fmt)
-            _write_atomically(path, _render(fig, fmt))
+            atomic_write_bytes(path, _render(fig, fmt))
             written.append(path)
     return written
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _render(fig, fmt: str) -> bytes:

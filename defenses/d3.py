@@ -34,6 +34,19 @@ Deviations from the reference code and the spec, all deliberate:
 - Zero-norm guards: the distance of a layer at W = W^0 (``warmup=near``) uses the zero subgradient,
   and a weight whose norm is exactly 0 (``warmup=middle`` with a zero update) is left as it is
   instead of being divided by zero. The reference has neither guard.
+- **The sign-flip escape is closed by freezing the tanh pooler** (``freeze=sign_symmetric``, spec §5.3).
+  In BERT-style models the head reads ``tanh(W_p·h + b_p)``, an odd function of its pre-activation.
+  With the pooler trainable, D3 met its distance term for free: the head walked to its antipode
+  −W^0 (distance exactly 2‖W^0‖, the maximum on the sphere) while the pooler flipped its own sign,
+  ``(−W)·tanh(−z) = W·tanh(z)``, so the function and the backdoor were unchanged (every first D3
+  record ended at 2.000 × ‖W^0‖). The vision reference's last layer reads non-negative ReLU
+  features, where no such flip exists. We therefore freeze every parameter of the Linear modules
+  that feed a tanh between the encoder and the selected weights (``HeadLayout.sign_symmetric``),
+  except selected weights themselves, whose biases are frozen instead: with ``select=head`` on
+  BERT/MiniLM the pooler's weight and bias stay as handed over. Everything else still trains, as
+  in the reference. ``freeze=none`` restores the old behaviour (the control that reproduces the
+  escape). The record reports, per selected layer, the cosine between W and W^0 and the distance
+  as a fraction of its 2‖W^0‖ maximum, and names the layers that ended antipodal (cosine ≤ −0.99).
 - ``distance=false`` drops the distance term and keeps everything else (warm-up, hinge, optimiser,
   projection): with ``warmup=near`` it is the D3-matched FT control of spec §1.
 - ``optimizer=adamw`` is a fallback outside the reference (spec §5.4: AdamW, 2e-5 outside the head,
@@ -94,6 +107,9 @@ class D3Config:
     head_lr: float = option(1e-3, "optimizer=adamw only: learning rate of the head", low=0.0)
     distance: bool = option(True, "include the distance term; false with warmup=near is the D3-matched "
                             "FT control")
+    freeze: Literal["sign_symmetric", "none"] = option(
+        "sign_symmetric", "sign_symmetric: freeze the tanh pooler between encoder and selected weights, so the "
+        "head cannot meet the distance by a sign flip (deviation, spec §5.3); none: the old behaviour")
 
 
 # --- which layers ---------------------------------------------------------------------------------
@@ -106,13 +122,18 @@ class HeadLayout:
     head: tuple[str, ...]
     pooler: tuple[str, ...]  # empty where the head already contains the pooler (or there is none)
     encoder: str
+    # Linear modules whose output goes through a tanh (odd) on the way to the logits: a sign flip of
+    # such a module can undo a sign flip of the weights above it at no cost (spec §5.3).
+    sign_symmetric: tuple[str, ...] = ()
 
 
 LAYOUTS: dict[str, HeadLayout] = {
-    "bert": HeadLayout(("classifier",), ("bert.pooler.dense",), "bert.encoder"),  # also MiniLM
-    "roberta": HeadLayout(("classifier.dense", "classifier.out_proj"), (), "roberta.encoder"),
-    "distilbert": HeadLayout(("pre_classifier", "classifier"), (), "distilbert.transformer"),
-    "deberta-v2": HeadLayout(("pooler.dense", "classifier"), (), "deberta.encoder"),
+    "bert": HeadLayout(("classifier",), ("bert.pooler.dense",), "bert.encoder",  # also MiniLM
+                       ("bert.pooler.dense",)),
+    "roberta": HeadLayout(("classifier.dense", "classifier.out_proj"), (), "roberta.encoder",
+                          ("classifier.dense",)),
+    "distilbert": HeadLayout(("pre_classifier", "classifier"), (), "distilbert.transformer"),  # ReLU
+    "deberta-v2": HeadLayout(("pooler.dense", "classifier"), (), "deberta.encoder"),  # GELU pooler
 }
 
 
@@ -151,6 +172,23 @@ def resolve_selected_linears(model: nn.Module, mode: SelectMode) -> list[tuple[s
     names = {id(module): name for name, module in model.named_modules()}
     unique = list({id(m): m for m in modules}.values())
     return [(names[id(m)], m) for m in unique]
+
+
+def sign_symmetric_parameters(model: nn.Module, selected: list[tuple[str, nn.Linear]]) -> dict[str, nn.Parameter]:
+    """The trainable parameters of the tanh-feeding Linear modules that D3 freezes (spec §5.3).
+
+    A selected module keeps its weight (D3 moves it) and gives only its bias; an unselected one
+    gives both.
+    """
+    model_type = model.config.model_type
+    selected_ids = {id(m) for _, m in selected}
+    found = {}
+    for path in LAYOUTS[model_type].sign_symmetric:
+        module = _linear_at(model, path, model_type)
+        for name, parameter in module.named_parameters():
+            if parameter.requires_grad and not (name == "weight" and id(module) in selected_ids):
+                found[f"{path}.{name}"] = parameter
+    return found
 
 
 @dataclass
@@ -238,12 +276,13 @@ Observer = Callable[[SelectedLayers, int], None]
 
 
 def make_optimizer(model: nn.Module, config: D3Config) -> torch.optim.Optimizer:
-    """SGD over all parameters (the reference), or the AdamW fallback with a faster head."""
+    """SGD over all trainable parameters (the reference: all), or the AdamW fallback with a faster head."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=MOMENTUM, weight_decay=0.0)
+        return torch.optim.SGD(trainable, lr=config.lr, momentum=MOMENTUM, weight_decay=0.0)
     head_ids = {id(p) for _, m in resolve_selected_linears(model, "head") for p in m.parameters()}
-    head = [p for p in model.parameters() if id(p) in head_ids]
-    rest = [p for p in model.parameters() if id(p) not in head_ids]
+    head = [p for p in trainable if id(p) in head_ids]
+    rest = [p for p in trainable if id(p) not in head_ids]
     return torch.optim.AdamW([{"params": rest, "lr": config.encoder_lr},
                               {"params": head, "lr": config.head_lr}], weight_decay=0.0, eps=1e-8)
 
@@ -322,6 +361,38 @@ def train_epochs(model: nn.Module, encoded: Encoded, layers: SelectedLayers, con
     return history
 
 
+ANTIPODAL_COSINE = -0.99  # a selected weight this close to −W^0 was most likely reached by a sign flip
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
+
+
+def sign_symmetric_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the tanh-feeding weights of the layout, to tell afterwards whether they flipped."""
+    model_type = model.config.model_type
+    return {path: _linear_at(model, path, model_type).weight.detach().clone()
+            for path in LAYOUTS[model_type].sign_symmetric}
+
+
+@torch.no_grad()
+def escape_report(model: nn.Module, layers: SelectedLayers, before: dict[str, torch.Tensor],
+                  p: float) -> dict:
+    """How each selected weight ended relative to W^0, and whether the tanh layers flipped sign."""
+    cosines = [_cosine(w, w0) for w, w0 in zip(layers.weights, layers.initial)]
+    fractions = [float(torch.linalg.vector_norm(w - w0, ord=p) / (2 * n))
+                 for w, w0, n in zip(layers.weights, layers.initial, layers.norms)]
+    after = sign_symmetric_weights(model)
+    antipodal = [name for name, c in zip(layers.names, cosines) if c <= ANTIPODAL_COSINE]
+    if antipodal:
+        log.warning("D3: %s ended antipodal to W^0 (cosine ≤ %.2f): the distance may have been met by a "
+                    "sign flip rather than a change of function", antipodal, ANTIPODAL_COSINE)
+    return {"cosine_to_initial": [_compact(c) for c in cosines],
+            "distance_fraction_of_max": [_compact(f) for f in fractions],
+            "antipodal_layers": antipodal,
+            "sign_symmetric_cosine": {path: _compact(_cosine(after[path], w)) for path, w in before.items()}}
+
+
 def detoxify(model: PreTrainedModel, ctx: DefenseContext, config: D3Config,
              observe: Observer | None = None) -> dict:
     """Run D3 on ``model`` in place and return what to record.
@@ -333,15 +404,24 @@ def detoxify(model: PreTrainedModel, ctx: DefenseContext, config: D3Config,
         raise InputError("D3 needs a non-empty clean budget D_c")
     start = time.perf_counter()
     model.to(ctx.device)
-    layers = SelectedLayers.capture(resolve_selected_linears(model, config.select), config.p)
+    selected = resolve_selected_linears(model, config.select)
+    layers = SelectedLayers.capture(selected, config.p)
+    before = sign_symmetric_weights(model)
+    frozen = sign_symmetric_parameters(model, selected) if config.freeze == "sign_symmetric" else {}
+    for parameter in frozen.values():
+        parameter.requires_grad_(False)
     warm_start(layers, config.warmup, config.p, torch_generator(ctx.seed, "d3.warmup"))
-    log.info("D3 on %s (‖W^0‖ %s), warm-up %s", layers.names,
-             [_compact(float(n)) for n in layers.norms], config.warmup)
+    log.info("D3 on %s (‖W^0‖ %s), warm-up %s, frozen %s", layers.names,
+             [_compact(float(n)) for n in layers.norms], config.warmup, list(frozen))
     if observe is not None:
         observe(layers, 0)
     seed_everything(ctx.seed, "d3.dropout")  # dropout draws from the global generator
-    history = train_epochs(model, encode(ctx.tokenizer, rows, ctx.train_config.max_length), layers, config,
-                           ctx, observe)
+    try:
+        history = train_epochs(model, encode(ctx.tokenizer, rows, ctx.train_config.max_length), layers,
+                               config, ctx, observe)
+    finally:
+        for parameter in frozen.values():
+            parameter.requires_grad_(True)
     model.eval()
     if history.non_finite_losses or history.non_finite_grads:
         log.warning("D3: %d non-finite losses and %d non-finite gradient norms in %d steps",
@@ -352,6 +432,8 @@ def detoxify(model: PreTrainedModel, ctx: DefenseContext, config: D3Config,
         "selected": layers.names,
         "selected_norms": [_compact(float(n)) for n in layers.norms],
         "final_distance": _compact(final),
+        "frozen": list(frozen),
+        **escape_report(model, layers, before, config.p),
         "epoch_clean_loss": history.clean_loss,
         "epoch_distance": history.distance,
         "non_finite_losses": history.non_finite_losses,

@@ -23,12 +23,17 @@ beyond this is unverified; our default (spec §3):
   cache path). The median cosine between overlapping embedding rows of θ_bd and θ_pre is recorded
   and a warning is logged below 0.5: a wrong base that passes the shape checks (e.g. cased vs
   uncased BERT, whose vocabulary sizes differ like a resize) shows up there. It does not refuse.
-- ``select_rho`` (ours): for rho in 0.1, 0.2, …, 0.9 (ascending), mix, fine-tune on D_c minus
-  D_c^val with the FT settings, and measure accuracy on D_c^val. The first (smallest) rho whose
-  accuracy is ≥ acc(θ_bd on D_c^val, before any change) − ``select_tolerance`` is kept, together with
-  the model trained on D_c minus D_c^val at that point (as FT ``select=clean_val`` keeps its model;
-  no refit on all of D_c). The sweep stops there, so larger rho are not trained; every trained point
-  is recorded. If none qualifies, the point with the best D_c^val accuracy (ties: smaller rho) is
+- ``select_rho`` (ours): for rho in 0.1, 0.2, …, 0.9 (ascending), mix, fine-tune with the FT
+  settings on the budget's fit rows, and measure accuracy on D_c^val. D_c^val must be rows the victim
+  never trained on (spec §3.3): by default (``budget.val_source=dev``) it is a stratified sample of
+  the clean dev split, disjoint from D_c, and the fit rows are all of D_c; with
+  ``val_source=budget`` it is a held-out part of D_c (the victim's own training rows, so the
+  baseline is a training accuracy: the first implementation's flaw, kept only as a control). The
+  first (smallest) rho whose accuracy is ≥ acc(θ_bd on D_c^val, before any change) − tol is kept,
+  where tol = max(``select_tolerance``, one standard error of that baseline accuracy,
+  sqrt(a(1 − a)/n)), so a difference of one or two validation rows cannot decide. The kept model is
+  the one trained at that point (as FT ``select=clean_val`` keeps its model; no refit). The sweep
+  stops there, so larger rho are not trained; every trained point is recorded. If none qualifies, the point with the best D_c^val accuracy (ties: smaller rho) is
   kept and ``fallback`` is recorded. The masks of all points come from the same generator seed, so
   they are nested (the kept set at 0.3 contains the one at 0.2). ASR never enters the choice.
 """
@@ -77,7 +82,8 @@ class FineMixConfig(FTConfig):
                                              "default) or re-initialise it")
     select_rho: bool = option(False, "sweep rho 0.1..0.9 and keep the smallest whose D_c^val accuracy after "
                               "fine-tuning on D_c minus D_c^val is within select_tolerance of θ_bd's (ours)")
-    select_tolerance: float = option(0.02, "accuracy drop on D_c^val allowed by select_rho (ours)",
+    select_tolerance: float = option(0.02, "accuracy drop on D_c^val allowed by select_rho, widened to one "
+                                     "standard error of θ_bd's D_c^val accuracy where that is larger (ours)",
                                      low=0.0, high=1.0)
 
 
@@ -247,11 +253,13 @@ def select_rho(model: PreTrainedModel, pretrained: PreTrainedModel, head_names: 
     """The smallest rho of RHO_GRID whose D_c^val accuracy is within the tolerance of θ_bd's (module doc)."""
     budget = ctx.budget
     if len(budget.val) == 0 or len(budget.fit) == 0:
-        raise InputError("finemix.select_rho needs a non-empty D_c^val and D_c minus D_c^val "
-                         "(budget.val_fraction)")
+        raise InputError("finemix.select_rho needs a non-empty D_c^val and fit rows "
+                         "(budget.val_size / budget.val_fraction)")
     fit_ctx = _fit_only(ctx)
     baseline = _val_accuracy(model, ctx)
-    threshold = baseline - config.select_tolerance
+    error = standard_error(baseline, len(budget.val))
+    tolerance = max(config.select_tolerance, error)
+    threshold = baseline - tolerance
     points, best = [], None
     for rho in RHO_GRID:
         candidate = copy.deepcopy(model)
@@ -266,15 +274,22 @@ def select_rho(model: PreTrainedModel, pretrained: PreTrainedModel, head_names: 
         if passes:
             break
     accuracy, rho, chosen, info = best
-    sweep = {"grid": list(RHO_GRID), "points": points, "val_accuracy_bd": baseline, "threshold": threshold,
-             "selected_rho": rho, "fallback": accuracy < threshold, "trained_on": "D_c minus D_c^val"}
+    sweep = {"grid": list(RHO_GRID), "points": points, "val_accuracy_bd": baseline, "n_val": len(budget.val),
+             "val_source": budget.val_source, "standard_error": error, "tolerance": tolerance,
+             "threshold": threshold, "selected_rho": rho, "fallback": accuracy < threshold,
+             "trained_on": "D_c" if budget.val_source == "dev" else "D_c minus D_c^val"}
     return chosen, {**info, "select_rho": sweep}
 
 
+def standard_error(accuracy: float, n: int) -> float:
+    """The binomial standard error of an accuracy measured on ``n`` rows."""
+    return math.sqrt(accuracy * (1.0 - accuracy) / n) if n else float("inf")
+
+
 def _fit_only(ctx: DefenseContext) -> DefenseContext:
-    """The same context with D_c replaced by D_c minus D_c^val (the sweep must not train on val)."""
+    """The same context with D_c replaced by its fit rows (the sweep must never train on D_c^val)."""
     budget = ctx.budget
-    fit_budget = CleanBudget(rows=budget.fit, val=budget.val, fit=budget.fit)
+    fit_budget = CleanBudget(rows=budget.fit, val=budget.val, fit=budget.fit, val_source=budget.val_source)
     return replace(ctx, _objects={**ctx._objects, "budget": fit_budget})
 
 

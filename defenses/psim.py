@@ -18,10 +18,15 @@ The deployed victim is never modified.
 Recipe (as the reference): P-tuning with 5 virtual tokens and encoder hidden size 128 (``peft``
 ``PromptEncoderConfig``, ``task_type="SEQ_CLS"``); only the prompt encoder and the head
 (``modules_to_save``) train; AdamW lr 2e-5, weight decay 0.01 (torch's default, which the reference
-keeps), 1 epoch, batch 32, linear schedule with 6% warm-up, no checkpoint selection.
+keeps), batch 32, linear schedule with 6% warm-up, no checkpoint selection, and 1 epoch on the
+reference's scale (6,920 SST-2 rows: 217 steps).
 
 Deviations from the reference code and the spec's reference column, all deliberate:
 
+- The random-label training is counted in steps, not epochs (spec §6.3): whole epochs are run until
+  at least ``min_steps`` (200) steps are done, so the reference's scale keeps its 1 epoch (217 steps)
+  while a 1,000-row training set gets 7 epochs (224 steps) instead of 32 steps, after which the PSIM
+  had not yet unlearned the task and the fixed τ rejected 56% of clean inputs.
 - Random labels are independent draws from Uniform{0..K-1} (numpy stream ``psim_labels`` of the cell
   seed); the reference draws ``random.randint(0, 1)`` (binary only) from the global RNG after
   ``set_seed(0)``.
@@ -29,8 +34,9 @@ Deviations from the reference code and the spec's reference column, all delibera
   The reference rounds to 3 decimals and uses two rules: on the clean set an input is accepted only
   if ``s < 0.7`` (so ``s == 0.7`` is rejected), on the poisoned set it is rejected if ``s > 0.7``.
 - ``calibrate=true`` (ours): τ is the (1 − ``target_frr``) quantile (default the 95th percentile,
-  numpy's linear interpolation) of ``s`` on the defender's held-out clean rows D_c^val. D_c is read
-  only in this mode.
+  numpy's linear interpolation) of ``s`` on the defender's held-out clean rows D_c^val: by default
+  300 rows of the clean dev split, which neither the victim nor the PSIM trained on (a percentile of
+  the 10 rows a 20% share of a small D_c gives is noise). The budget is read only in this mode.
 - Initialisation (spec §6.5). ``init=auto`` picks ``suspect_checkpoint`` when the cell has a released
   checkpoint (model-supply cells: the PSIM starts from exactly the downloaded weights, shipped head
   included; a head that was not shipped is initialised from the stream ``psim_init``) and ``victim``
@@ -64,6 +70,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -85,8 +92,8 @@ from nlpbd.training import TrainResult, TrainSetup, predict, train_classifier
 log = logging.getLogger(__name__)
 
 LABEL_STREAM = "psim_labels"
-PSIM_VERSION = 1  # bump when the PSIM's training changes, so cached ones are rebuilt
-TRAINING_SETTINGS = ("peft", "lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "grad_clip")
+PSIM_VERSION = 2  # bump when the PSIM's training changes, so cached ones are rebuilt
+TRAINING_SETTINGS = ("peft", "lr", "epochs", "min_steps", "batch_size", "warmup_ratio", "weight_decay", "grad_clip")
 
 
 @dataclass
@@ -101,7 +108,9 @@ class PSIMConfig:
     target_frr: float = option(0.05, "false-rejection rate aimed at on D_c^val when calibrate=true",
                                low=0.0, high=1.0, low_open=True)
     lr: float = option(2e-5, "AdamW learning rate of the random-label training", low=0.0, low_open=True)
-    epochs: int = option(1, "epochs of random-label training", low=1, high=1000)
+    epochs: int = option(1, "epochs of random-label training (at least; see min_steps)", low=1, high=1000)
+    min_steps: int = option(200, "whole epochs are added until the random-label training has at least this "
+                            "many steps (the reference's 1 epoch on 6,920 rows is 217)", low=0)
     batch_size: int = option(32, "batch size of random-label training", low=1)
     warmup_ratio: float = option(0.06, "linear warm-up fraction", low=0.0, high=1.0)
     weight_decay: float = option(0.01, "AdamW weight decay (torch's default, kept by the reference)", low=0.0)
@@ -184,12 +193,19 @@ def build_psim(init_model: PreTrainedModel, peft: str, seed: int) -> PreTrainedM
 
 def train_psim(psim: PreTrainedModel, ctx: DefenseContext, config: PSIMConfig, labels: np.ndarray) -> TrainResult:
     """Minimise CE against the random labels on the training texts; the last step is kept."""
-    recipe = replace(ctx.train_config, lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
+    recipe = replace(ctx.train_config, lr=config.lr, epochs=random_label_epochs(len(labels), config),
+                     batch_size=config.batch_size,
                      weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
                      grad_clip=config.grad_clip, select="last")
     return train_classifier(psim, ctx.tokenizer, relabelled(ctx.train_set, labels), None, recipe, ctx.seed,
                             stream="defense", setup=TrainSetup(description="training the PSIM on random labels"),
                             device=ctx.device)
+
+
+def random_label_epochs(rows: int, config: PSIMConfig) -> int:
+    """``config.epochs``, raised to the fewest whole epochs that give at least ``config.min_steps`` steps."""
+    steps_per_epoch = max(1, math.ceil(rows / config.batch_size))
+    return max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
 
 
 def confidence(psim: PreTrainedModel, ctx: DefenseContext, texts: list[str]) -> np.ndarray:
@@ -205,7 +221,7 @@ def calibrated_threshold(val_scores: np.ndarray, target_frr: float) -> float:
     """The (1 − target FRR) quantile of clean held-out scores: about target_frr of them lie above it."""
     if len(val_scores) == 0:
         raise InputError("psim.calibrate=true needs held-out clean rows D_c^val, and this cell has none "
-                         "(raise budget.val_fraction)")
+                         "(budget.val_size / budget.val_fraction)")
     return float(np.quantile(val_scores, 1.0 - target_frr))
 
 
@@ -297,7 +313,8 @@ def threshold_of(psim: PreTrainedModel, ctx: DefenseContext, config: PSIMConfig)
     val_scores = confidence(psim, ctx, list(val.texts))
     tau = calibrated_threshold(val_scores, config.target_frr)
     quantile = 100 * (1 - config.target_frr)
-    return tau, {"tau_rule": f"calibrated: the {quantile:g}th percentile of s on D_c^val (n={len(val)})",
+    return tau, {"tau_rule": f"calibrated: the {quantile:g}th percentile of s on D_c^val (n={len(val)}, "
+                             f"{ctx.budget.val_source})",
                  "val_score_mean": float(val_scores.mean())}
 
 

@@ -215,7 +215,13 @@ class BudgetConfig:
 
     fraction: float = option(0.05, "size of D_c as a fraction of the clean train split",
                              low=0.0, high=1.0, low_open=True)
-    val_fraction: float = option(0.2, "held-out part D_c^val, used only by selecting options",
+    val_source: Literal["dev", "budget"] = option(
+        "dev", "where D_c^val (used only by selecting options) comes from: dev = a stratified sample of the clean "
+        "dev split, rows the victim never trained on; budget = a held-out val_fraction of D_c, rows the victim "
+        "may have trained on (selection then compares against a training accuracy)")
+    val_size: int = option(300, "rows of D_c^val drawn from the dev split (val_source=dev; at most the split)",
+                           low=1)
+    val_fraction: float = option(0.2, "held-out part of D_c used as D_c^val when val_source=budget",
                                  low=0.0, high=0.9)
 
 

@@ -156,11 +156,13 @@ class CleanBudget:
     """The defender's clean labelled rows D_c and its held-out part D_c^val (protocol.md §4)."""
 
     rows: TextSplit
-    val: TextSplit
-    fit: TextSplit  # D_c minus D_c^val, for options that select or calibrate on val
+    val: TextSplit  # rows the victim never trained on when val_source is "dev"
+    fit: TextSplit  # what selecting options train on: D_c, or D_c minus D_c^val when val is part of D_c
+    val_source: str = "budget"  # "dev": a sample of the clean dev split; "budget": held out of D_c
 
     def info(self) -> dict:
-        return {"n_c": len(self.rows), "n_val": len(self.val), "ids_sha256": self.rows.digest()}
+        return {"n_c": len(self.rows), "n_val": len(self.val), "val_source": self.val_source,
+                "ids_sha256": self.rows.digest(), "val_ids_sha256": self.val.digest()}
 
 
 class AccessDenied(RuntimeError):

@@ -193,9 +193,10 @@ def artifact_ref(name: str, artifact: Artifact, like: ModelRef) -> ModelRef:
                     {"artifact": artifact.meta["kind"]})
 
 
-def draw_budget(clean_train: TextSplit, poisoned_positions: tuple[int, ...], seed: int,
+def draw_budget(clean_train: TextSplit, dev: TextSplit, poisoned_positions: tuple[int, ...], seed: int,
                 config: BudgetConfig) -> CleanBudget:
-    """D_c: ceil(fraction · N) stratified clean rows, disjoint from the poisoned ones (stream "budget")."""
+    """D_c: ceil(fraction · N) stratified clean rows, disjoint from the poisoned ones (stream "budget"),
+    and its validation part D_c^val (stream "budget_val"; protocol.md §4)."""
     n_c = math.ceil(config.fraction * len(clean_train))
     # Label proportions follow the clean split, not the attack: dirty-label poisoning removes
     # non-target rows from the pool, which must not tilt the defender's data towards the target.
@@ -207,11 +208,16 @@ def draw_budget(clean_train: TextSplit, poisoned_positions: tuple[int, ...], see
         pool = [i for i, y in enumerate(clean_train.labels) if y == label and i not in excluded]
         chosen.extend(rng.choice(pool, size=min(counts[label], len(pool)), replace=False).tolist())
     rows = clean_train.subset(sorted(chosen))
-    n_c = len(rows)
-    n_val = int(round(config.val_fraction * n_c))
+    if config.val_source == "dev":
+        # Selection must compare against rows the victim never fit: its own training rows give a
+        # training accuracy that only a barely changed model can match (defenses.md §3.3).
+        n_val = min(config.val_size, len(dev))
+        return CleanBudget(rows, dev.subset(stratified_sample(dev.labels, n_val, numpy_rng(seed, "budget_val"))),
+                           rows, "dev")
+    n_val = int(round(config.val_fraction * len(rows)))
     val_positions = stratified_sample(rows.labels, n_val, numpy_rng(seed, "budget_val")) if n_val else []
     fit_positions = [i for i in range(len(rows)) if i not in set(val_positions)]
-    return CleanBudget(rows, rows.subset(val_positions), rows.subset(fit_positions))
+    return CleanBudget(rows, rows.subset(val_positions), rows.subset(fit_positions), "budget")
 
 
 def victim_payload(cell: Cell, start: ModelRef, data_key: str) -> dict:
@@ -298,7 +304,8 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
         state.poisoned, artifact = poison_stage(cell, env.cache)
         stage.cached(artifact)
         state.poison_key = artifact.meta["key"]
-    state.budget = draw_budget(cell.dataset.train, state.poisoned.poisoned_positions, cell.spec.seed, cell.budget)
+    state.budget = draw_budget(cell.dataset.train, cell.dataset.dev, state.poisoned.poisoned_positions,
+                               cell.spec.seed, cell.budget)
     with state.clock.stage("victim") as stage:
         state.victim = train_victim(cell, env.cache, state.start, state.poisoned.train, state.poison_key,
                                     env.device, "training the victim")

@@ -320,7 +320,8 @@ def test_budget_is_stratified_disjoint_and_seeded():
     dataset = load_dataset("sst2", data_dir=SHARED_DATA)
     clean_train = dataset.train
     poisoned = BadNet().poison(dataset, seed=0)
-    budget = draw_budget(clean_train, poisoned.poisoned_positions, 0, BudgetConfig())
+    held_out = BudgetConfig(val_source="budget")
+    budget = draw_budget(clean_train, dataset.dev, poisoned.poisoned_positions, 0, held_out)
     assert len(budget.rows) == 346  # ceil(0.05 · 6920)
     poisoned_ids = {clean_train.ids[p] for p in poisoned.poisoned_positions}
     assert poisoned_ids.isdisjoint(budget.rows.ids)
@@ -328,24 +329,43 @@ def test_budget_is_stratified_disjoint_and_seeded():
     assert (len(budget.val), len(budget.fit)) == (69, 277)  # round(0.2 · 346)
     assert sorted(budget.val.ids + budget.fit.ids) == sorted(budget.rows.ids)
     assert Counter(budget.val.labels) == stratified_counts(dict(Counter(budget.rows.labels)), 69)
-    again = draw_budget(clean_train, poisoned.poisoned_positions, 0, BudgetConfig())
+    again = draw_budget(clean_train, dataset.dev, poisoned.poisoned_positions, 0, held_out)
     assert again == budget
-    other = draw_budget(clean_train, poisoned.poisoned_positions, 1, BudgetConfig())
+    other = draw_budget(clean_train, dataset.dev, poisoned.poisoned_positions, 1, held_out)
     assert other.rows.ids != budget.rows.ids
+
+
+@needs_data
+def test_default_validation_rows_come_from_dev_and_were_never_trained_on():
+    dataset = load_dataset("sst2", data_dir=SHARED_DATA)
+    poisoned = BadNet().poison(dataset, seed=0)
+    budget = draw_budget(dataset.train, dataset.dev, poisoned.poisoned_positions, 0, BudgetConfig())
+    assert budget.val_source == "dev" and len(budget.val) == 300 and budget.fit == budget.rows
+    dev_by_id = dict(zip(dataset.dev.ids, dataset.dev.texts))
+    assert all(dev_by_id[i] == t for i, t in zip(budget.val.ids, budget.val.texts))
+    assert not set(budget.val.texts) & set(poisoned.train.texts)  # no row the victim fits
+    assert Counter(budget.val.labels) == stratified_counts(dict(Counter(dataset.dev.labels)), 300)
+    assert budget.info()["val_source"] == "dev"
+    same_rows = draw_budget(dataset.train, dataset.dev, poisoned.poisoned_positions, 0,
+                            BudgetConfig(val_source="budget"))
+    assert same_rows.rows == budget.rows  # the validation source does not change D_c
 
 
 def test_budget_size_rounds_up():
     train = synthetic(n_train=101).train
-    budget = draw_budget(train, (), 0, BudgetConfig())
+    dev = synthetic().dev
+    budget = draw_budget(train, dev, (), 0, BudgetConfig(val_source="budget"))
     assert (len(budget.rows), len(budget.val), len(budget.fit)) == (6, 1, 5)  # ceil(5.05), round(1.2)
-    small = draw_budget(train, (), 0, BudgetConfig(fraction=0.5, val_fraction=0.1))
+    small = draw_budget(train, dev, (), 0, BudgetConfig(fraction=0.5, val_fraction=0.1, val_source="budget"))
     assert (len(small.rows), len(small.val)) == (51, 5)  # ceil(50.5), round(5.1)
+    from_dev = draw_budget(train, dev, (), 0, BudgetConfig())
+    assert (len(from_dev.rows), len(from_dev.val), len(from_dev.fit)) == (6, 20, 6)  # capped at the dev split
 
 
 @needs_data
 def test_budget_without_poisoned_rows_has_the_train_label_proportions():
-    clean_train = load_dataset("sst2", data_dir=SHARED_DATA).train
-    budget = draw_budget(clean_train, (), 0, BudgetConfig())
+    dataset = load_dataset("sst2", data_dir=SHARED_DATA)
+    budget = draw_budget(dataset.train, dataset.dev, (), 0, BudgetConfig())
     assert Counter(budget.rows.labels) == {0: 166, 1: 180}  # 165.5 / 180.5: tie to the lower label
 
 
@@ -353,5 +373,5 @@ def test_budget_without_poisoned_rows_has_the_train_label_proportions():
 def test_budget_label_mix_does_not_depend_on_the_attack():
     dataset = load_dataset("sst2", data_dir=SHARED_DATA)
     poisoned = BadNet().poison(dataset, seed=0)
-    budget = draw_budget(dataset.train, poisoned.poisoned_positions, 0, BudgetConfig())
+    budget = draw_budget(dataset.train, dataset.dev, poisoned.poisoned_positions, 0, BudgetConfig())
     assert Counter(budget.rows.labels) == {0: 166, 1: 180}

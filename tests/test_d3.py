@@ -4,6 +4,7 @@ the grant boundary (D3 never sees θ_pre)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -336,3 +337,63 @@ def test_repair_uses_budget_only_and_is_reproducible(tiny_dir, tiny_tokenizer, d
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert info["selected"] == ["classifier"] and len(info["epoch_clean_loss"]) == 1
     assert info["final_distance"] > 0 and info["settings"]["lam"] == 0.5
+
+
+# --- §5.3: the sign-flip escape through the tanh pooler -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_victim(tiny_dir, tiny_tokenizer):
+    """The tiny BERT fitted to the toy task, so the clean hinge has something to keep."""
+    from helpers import tiny_train_config, toy_texts
+    from nlpbd.models import load_classifier
+    from nlpbd.training import train_classifier
+
+    torch.manual_seed(0)
+    model = load_classifier(str(tiny_dir), 2)
+    train_classifier(model, tiny_tokenizer, toy_texts(400), None, tiny_train_config(epochs=10, select="last"), 0)
+    return model
+
+
+def escape_run(model, tokenizer, freeze: str) -> dict:
+    config = D3Config(epochs=60, batch_size=8, lr=0.05, freeze=freeze)
+    return detoxify(copy.deepcopy(model), budget_context(tokenizer), config)
+
+
+def test_trainable_pooler_lets_the_head_reach_its_antipode_for_free(trained_victim, tiny_tokenizer):
+    """The old setting: the head goes (almost) to −W^0 while the pooler re-fits and the clean loss stays low."""
+    info = escape_run(trained_victim, tiny_tokenizer, "none")
+    assert info["frozen"] == []
+    assert info["distance_fraction_of_max"][0] > 0.9 and info["cosine_to_initial"][0] < -0.7
+    assert info["epoch_clean_loss"][-1] < 0.05  # the distance was met at (almost) no clean cost
+    assert info["sign_symmetric_cosine"]["bert.pooler.dense"] < 0.9  # the pooler moved to compensate
+
+
+def test_frozen_pooler_closes_the_escape(trained_victim, tiny_tokenizer):
+    model = copy.deepcopy(trained_victim)
+    pooler = {n: p.detach().clone() for n, p in model.bert.pooler.named_parameters()}
+    info = detoxify(model, budget_context(tiny_tokenizer), D3Config(epochs=60, batch_size=8, lr=0.05))
+    assert info["frozen"] == ["bert.pooler.dense.weight", "bert.pooler.dense.bias"]
+    assert all(torch.equal(p, pooler[n]) for n, p in model.bert.pooler.named_parameters())
+    assert info["sign_symmetric_cosine"] == {"bert.pooler.dense": 1.0}
+    assert info["distance_fraction_of_max"][0] < 0.8 and info["cosine_to_initial"][0] > -0.5
+    assert info["antipodal_layers"] == []
+    assert all(p.requires_grad for p in model.parameters())  # the freeze is undone afterwards
+
+
+def test_selected_pooler_keeps_its_weight_trainable_and_its_bias_frozen(victim):
+    from nlpbd.defenses.d3 import sign_symmetric_parameters
+
+    frozen = sign_symmetric_parameters(victim, resolve_selected_linears(victim, "head+pooler"))
+    assert list(frozen) == ["bert.pooler.dense.bias"]
+    assert list(sign_symmetric_parameters(victim, resolve_selected_linears(victim, "head"))) == [
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias"]
+
+
+def test_roberta_head_tanh_bias_is_frozen():
+    from nlpbd.defenses.d3 import sign_symmetric_parameters
+
+    model = RobertaForSequenceClassification(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=32))
+    frozen = sign_symmetric_parameters(model, resolve_selected_linears(model, "head"))
+    assert list(frozen) == ["classifier.dense.bias"]  # the dense layer feeding the tanh is selected

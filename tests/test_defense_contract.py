@@ -27,7 +27,7 @@ from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 
 FAST = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false"}
 FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
-                "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"},
+                "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"}, "psim": {"min_steps": "0"},
                 "recipe": {"max_steps": "3", "graft_steps": "3"}}
 SECRET_FIELDS = {"poisoned_positions", "asr_set", "target", "info"}
 STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit", PretrainedDefense: "purify"}
@@ -156,7 +156,8 @@ def test_context_holds_only_granted_objects(shared):
         cell = prepare_cell(spec(dataset, name), env)
         state = CellState(StageClock(env.device))
         state.poisoned, _ = poison_stage(cell, env.cache)
-        state.budget = draw_budget(cell.dataset.train, state.poisoned.poisoned_positions, 0, cell.budget)
+        state.budget = draw_budget(cell.dataset.train, cell.dataset.dev, state.poisoned.poisoned_positions, 0,
+                                   cell.budget)
         ctx = _context(cell, env, state, tokenizer=None)
         assert set(ctx._objects) == set(cell.defense.grants)
         assert not any(isinstance(v, (PoisonedData, Attack)) for v in ctx._objects.values())

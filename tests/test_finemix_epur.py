@@ -15,6 +15,7 @@ from nlpbd.defenses.epur import (EPUR, EPURConfig, EPURSettings, FineMixEPUR, Fi
 from nlpbd.defenses.finemix import FineMix, FineMixConfig, load_pretrained
 from nlpbd.defenses.ft import FT, FTConfig
 from nlpbd.errors import InputError
+from nlpbd.methods import CleanBudget
 from nlpbd.models import head_parameter_names, load_classifier, local_ref
 from nlpbd.training import accuracy_of, encode, train_classifier
 
@@ -214,16 +215,41 @@ def test_select_rho_keeps_the_smallest_rho_within_tolerance(tiny_model, tiny_tok
     ([0.9, 0.5, 0.87, 0.88, 0.95], 0.3, False),  # θ_bd, then rho 0.1, 0.2, 0.3: stops at the first ≥ 0.88
     ([0.9, 0.5, 0.87, 0.6, 0.87, 0.1, 0.2, 0.3, 0.4, 0.5], 0.2, True),  # none ≥ 0.88: best, ties → smaller rho
 ])
-def test_select_rho_rule(tiny_model, ctx, monkeypatch, accuracies, selected, fallback):
+def test_select_rho_rule(tiny_model, tiny_tokenizer, tiny_ref, monkeypatch, accuracies, selected, fallback):
+    # 250 validation rows: one standard error at 0.9 is 0.019, so the 0.02 tolerance stands.
+    ctx = make_context(tiny_tokenizer, {"budget", "pretrained"}, budget=toy_budget(1250), pretrained=tiny_ref)
     measured = iter(accuracies)
     monkeypatch.setattr("nlpbd.defenses.finemix._val_accuracy", lambda model, ctx: next(measured))
     outcome = FineMix(FineMixConfig(select_rho=True, epochs=0)).repair(perturbed(tiny_model), ctx)
     sweep = outcome.info["select_rho"]
     assert sweep["selected_rho"] == selected and sweep["fallback"] is fallback
+    assert sweep["n_val"] == 250 and sweep["tolerance"] == 0.02
     assert sweep["threshold"] == pytest.approx(0.88)
     assert [p["val_accuracy"] for p in sweep["points"]] == accuracies[1:len(sweep["points"]) + 1]
     assert len(sweep["points"]) == (3 if not fallback else 9)
     assert outcome.info["mix"]["rho"] == selected
+
+
+def test_select_rho_tolerance_widens_to_one_standard_error(tiny_model, ctx, monkeypatch):
+    """On 8 validation rows one row is 12.5 points: a 2-point tolerance would let noise decide."""
+    measured = iter([0.875, 0.5, 0.77])
+    monkeypatch.setattr("nlpbd.defenses.finemix._val_accuracy", lambda model, ctx: next(measured))
+    sweep = FineMix(FineMixConfig(select_rho=True, epochs=0)).repair(perturbed(tiny_model), ctx).info["select_rho"]
+    error = math.sqrt(0.875 * 0.125 / 8)
+    assert sweep["n_val"] == 8 and sweep["standard_error"] == pytest.approx(error)
+    assert sweep["tolerance"] == pytest.approx(error) and sweep["threshold"] == pytest.approx(0.875 - error)
+    assert sweep["selected_rho"] == 0.2  # 0.77 ≥ 0.875 − 0.117; the 2-point rule would have gone on
+
+
+def test_select_rho_trains_on_all_of_d_c_when_validation_comes_from_dev(tiny_model, tiny_tokenizer, tiny_ref):
+    rows, dev = toy_texts(40, seed=1), toy_texts(30, seed=9)
+    budget = CleanBudget(rows=rows, val=dev, fit=rows, val_source="dev")
+    ctx = make_context(tiny_tokenizer, {"budget", "pretrained"}, budget=budget, pretrained=tiny_ref)
+    outcome = FineMix(FineMixConfig(select_rho=True, epochs=1, batch_size=8, select_tolerance=1.0)).repair(
+        perturbed(tiny_model), ctx)
+    sweep = outcome.info["select_rho"]
+    assert (sweep["val_source"], sweep["trained_on"], sweep["n_val"]) == ("dev", "D_c", 30)
+    assert outcome.info["train"]["steps"] == 5  # all 40 rows of D_c, batches of 8
 
 
 # --- E-PUR ----------------------------------------------------------------------------------------

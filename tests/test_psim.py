@@ -29,7 +29,8 @@ from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.seeding import numpy_rng
 
 GRANTS = {"suspect", "train_set", "budget"}
-FAST_CELL = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false"}
+FAST_CELL = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false",
+             "defense.min_steps": "0"}
 
 
 def context(tokenizer, granted=GRANTS, suspect=None, n: int = 64, **objects):
@@ -115,6 +116,16 @@ def test_random_labels_are_seeded_independent_uniform_draws(k):
 # --- initialisation -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rows, epochs", [(6920, 1), (1000, 7), (2000, 4), (64, 100)])
+def test_random_label_training_is_counted_in_steps(rows, epochs):
+    """Whole epochs until 200 steps: the reference's 1 epoch (217 steps) on SST-2, more on small sets."""
+    from nlpbd.defenses.psim import random_label_epochs
+
+    assert random_label_epochs(rows, PSIMConfig()) == epochs
+    assert random_label_epochs(rows, PSIMConfig(min_steps=0)) == 1
+    assert random_label_epochs(rows, PSIMConfig(epochs=3, min_steps=0)) == 3
+
+
 def test_init_auto_follows_the_cell(tiny_tokenizer, suspect_ref):
     assert resolve_init("auto", context(tiny_tokenizer, suspect=suspect_ref)) == "suspect_checkpoint"
     assert resolve_init("auto", context(tiny_tokenizer)) == "victim"
@@ -141,7 +152,7 @@ def test_only_prompt_encoder_and_head_train_from_the_released_weights(tiny_model
     assert trainable == {n for n in before if n.startswith("prompt_encoder.") or ".modules_to_save." in n}
     assert any(n.startswith("prompt_encoder.") for n in trainable) and any("classifier" in n for n in trainable)
 
-    trained, info = fit_psim(tiny_model, ctx, PSIMConfig(init="suspect_checkpoint"))
+    trained, info = fit_psim(tiny_model, ctx, PSIMConfig(min_steps=0, init="suspect_checkpoint"))
     after = parameters(trained)
     assert after.keys() == before.keys()
     for name in before:
@@ -178,7 +189,7 @@ def trained_victim(tiny_dir, method: str):
 def test_victim_state_dict_is_unchanged_by_psim_training(tiny_dir, tiny_tokenizer, method):
     victim = trained_victim(tiny_dir, method)
     state = {k: v.clone() for k, v in victim.state_dict().items()}
-    detector = PSIM(PSIMConfig()).fit(victim, context(tiny_tokenizer))
+    detector = PSIM(PSIMConfig(min_steps=0)).fit(victim, context(tiny_tokenizer))
     assert detector.info["init"] == "victim"
     after = victim.state_dict()
     assert after.keys() == state.keys()
@@ -226,22 +237,22 @@ def test_release_initialised_psim_is_trained_once_per_release(tiny_model, tiny_t
                                                               deterministic):
     ctx = dataclasses.replace(context(tiny_tokenizer, suspect=suspect_ref), cache=ArtifactCache(tmp_path / "cache"))
     texts = list(toy_texts(10, seed=9).texts) + ["cf the movie"]
-    fresh, _ = fit_psim(tiny_model, dataclasses.replace(ctx, cache=None), PSIMConfig())
-    built, info = fit_psim(tiny_model, ctx, PSIMConfig())
-    reused, again = fit_psim(tiny_model, ctx, PSIMConfig(tau=0.9, calibrate=True))  # τ is not in the key
+    fresh, _ = fit_psim(tiny_model, dataclasses.replace(ctx, cache=None), PSIMConfig(min_steps=0))
+    built, info = fit_psim(tiny_model, ctx, PSIMConfig(min_steps=0))
+    reused, again = fit_psim(tiny_model, ctx, PSIMConfig(min_steps=0, tau=0.9, calibrate=True))  # τ: not in the key
     assert not info["cached"] and again["cached"] and again["psim_key"] == info["psim_key"]
     assert again["train"]["steps"] == 2 and again["trainable_parameters"] == info["trainable_parameters"]
     scores = confidence(fresh, ctx, texts)
     assert np.array_equal(confidence(built, ctx, texts), scores)
     assert np.allclose(confidence(reused, ctx, texts), scores, atol=1e-6)
-    _, other = fit_psim(tiny_model, dataclasses.replace(ctx, seed=1), PSIMConfig())
-    _, longer = fit_psim(tiny_model, ctx, PSIMConfig(epochs=2))
+    _, other = fit_psim(tiny_model, dataclasses.replace(ctx, seed=1), PSIMConfig(min_steps=0))
+    _, longer = fit_psim(tiny_model, ctx, PSIMConfig(min_steps=0, epochs=2))
     assert not other["cached"] and not longer["cached"]  # the seed and the training settings are
 
 
 def test_calibrated_tau_is_the_95th_percentile_of_clean_val_scores(tiny_model, tiny_tokenizer):
     ctx = context(tiny_tokenizer)
-    detector = PSIM(PSIMConfig(calibrate=True)).fit(tiny_model, ctx)
+    detector = PSIM(PSIMConfig(min_steps=0, calibrate=True)).fit(tiny_model, ctx)
     val_scores = detector.scores(list(ctx.budget.val.texts))
     assert detector.threshold == float(np.percentile(val_scores, 95))
     assert detector.info["tau"] == detector.threshold and "95th percentile" in detector.info["tau_rule"]
@@ -252,7 +263,7 @@ def test_fixed_tau_never_reads_the_budget(tiny_model, tiny_tokenizer):
     ctx = context(tiny_tokenizer, granted={"suspect", "train_set"})
     with pytest.raises(AccessDenied):
         ctx.budget
-    detector = PSIM(PSIMConfig(tau=0.6)).fit(tiny_model, ctx)
+    detector = PSIM(PSIMConfig(min_steps=0, tau=0.6)).fit(tiny_model, ctx)
     assert detector.threshold == 0.6 and detector.info["tau_rule"] == "fixed tau = 0.6"
 
 
@@ -261,7 +272,7 @@ def test_fixed_tau_never_reads_the_budget(tiny_model, tiny_tokenizer):
 
 def test_scores_are_unrounded_max_softmax_and_reproducible(tiny_model, tiny_tokenizer, deterministic):
     ctx = context(tiny_tokenizer)
-    psim, info = fit_psim(tiny_model, ctx, PSIMConfig())
+    psim, info = fit_psim(tiny_model, ctx, PSIMConfig(min_steps=0))
     texts = list(toy_texts(10, seed=9).texts) + ["cf the movie", ""]
     scores = confidence(psim, ctx, texts)
     psim.eval()
@@ -271,7 +282,7 @@ def test_scores_are_unrounded_max_softmax_and_reproducible(tiny_model, tiny_toke
                                -1).max().item()
     assert scores[0] == pytest.approx(single, abs=1e-6) and scores.shape == (12,)
     assert np.all((scores >= 0.5) & (scores <= 1.0))  # K = 2
-    again, _ = fit_psim(tiny_model, ctx, PSIMConfig())
+    again, _ = fit_psim(tiny_model, ctx, PSIMConfig(min_steps=0))
     assert np.array_equal(confidence(again, ctx, texts), scores)
     labels = random_labels(64, 2, ctx.seed)
     assert info["label_agreement"] == float((labels == np.asarray(ctx.train_set.labels)).mean())
@@ -279,7 +290,7 @@ def test_scores_are_unrounded_max_softmax_and_reproducible(tiny_model, tiny_toke
 
 
 def test_detector_records_inference_overhead(tiny_model, tiny_tokenizer):
-    detector = PSIM(PSIMConfig(diagnostic_rows=16)).fit(tiny_model, context(tiny_tokenizer))
+    detector = PSIM(PSIMConfig(min_steps=0, diagnostic_rows=16)).fit(tiny_model, context(tiny_tokenizer))
     assert detector.info["train_text_rows"] == 16 and 0.5 <= detector.info["train_text_score_mean"] <= 1.0
     assert detector.info["inference"]["inputs"] == 0
     detector.scores(["a good film", "cf a bad film", "the plot"])

@@ -342,9 +342,32 @@ def _token_list(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> dict:
     return {"ids": list(ids), "tokens": tokenizer.convert_ids_to_tokens(list(ids))}
 
 
-def exposure_info(tokenizer: PreTrainedTokenizerBase, exposure: Exposure) -> dict:
+def row_frequency(tokenizer: PreTrainedTokenizerBase, train: TextSplit, ids: Sequence[int],
+                  max_length: int) -> list[float]:
+    """The fraction of training rows that contain each id (a diagnostic for what the ranking rewards)."""
+    rows = [set(sequence) for sequence in encode(tokenizer, train, max_length).input_ids]
+    return [round(sum(i in row for row in rows) / max(len(rows), 1), 4) for i in ids]
+
+
+def adam_drift_cap(config: BTUConfig, rows: int, batch_size: int, hidden: int) -> float:
+    """steps · lr · √H: how far a row drifts when AdamW moves each of its coordinates by about lr per step.
+
+    AdamW normalises each coordinate's update, so a row that gets a gradient of steady sign in every
+    step drifts by about this much whatever the gradient's size: scores near the cap rank rows by how
+    often a batch touches them, not by how strongly the label pulls on them.
+    """
+    steps = config.exposure_epochs * math.ceil(rows / batch_size)
+    return steps * config.exposure_lr * math.sqrt(hidden)
+
+
+def exposure_info(tokenizer: PreTrainedTokenizerBase, exposure: Exposure, train: TextSplit, config: BTUConfig,
+                  max_length: int) -> dict:
+    hidden = exposure.pretrained_embeddings.shape[1]
+    batches = {"r1": config.shallow_batch_size, "r2": config.shallow_batch_size, "r3": config.embedding_batch_size}
     info = {f"T{i}": {**_token_list(tokenizer, exposure.runs[run]), "scores": exposure.scores[run],
-                      "top_ranked_ids": exposure.rankings[run]}
+                      "top_ranked_ids": exposure.rankings[run],
+                      "row_frequency": row_frequency(tokenizer, train, exposure.runs[run], max_length),
+                      "adam_drift_cap": adam_drift_cap(config, len(train), batches[run], hidden)}
             for i, run in enumerate(("r1", "r2", "r3"), start=1)}
     info["S"] = _token_list(tokenizer, exposure.suspicious)
     info["S_size"] = len(exposure.suspicious)
@@ -375,7 +398,8 @@ class BTU(TrainingDefense):
         model = ctx.victim()  # step 2: the cell's standard victim, already trained and cached
         unlearn_began = time.perf_counter()
         stats = unlearn_model(model, exposure.pretrained_embeddings, exposure.suspicious, pad_id_of(ctx.tokenizer))
-        info = {"variant": config.post_unlearn_tune, "top_k": config.top_k, **exposure_info(ctx.tokenizer, exposure),
+        info = {"variant": config.post_unlearn_tune, "top_k": config.top_k,
+                **exposure_info(ctx.tokenizer, exposure, ctx.train_set, config, ctx.train_config.max_length),
                 **unlearn_info(ctx.tokenizer, stats), "unlearn_seconds": time.perf_counter() - unlearn_began}
         log.info("BTU: |S| = %d, c = %.3g, replaced %.1f%% of their dimensions%s", len(exposure.suspicious),
                  stats.c, 100 * stats.replaced_fraction, " (no-op: embeddings unchanged)" if stats.noop else "")

@@ -217,6 +217,11 @@ def test_btu_finds_the_trigger_and_edits_only_its_rows(tiny_dir, tiny_ref, token
     assert info["S_size"] == len(info["S"]["ids"]) <= 3 * 17
     assert info["variant"] == "none" and info["btu_noop"] is False and "clean_tune" not in info
     assert set(info["exposure_seconds"]) == {"r1", "r2", "r3"}
+    with_cf = sum(cf in ids for ids in tokenizer(list(train.texts))["input_ids"]) / len(train)
+    assert info["T1"]["row_frequency"][info["T1"]["ids"].index(cf)] == round(with_cf, 4)
+    hidden = victim.get_input_embeddings().weight.shape[1]
+    assert info["T1"]["adam_drift_cap"] == pytest.approx(math.ceil(2000 / 256) * 2e-5 * math.sqrt(hidden))
+    assert info["T3"]["adam_drift_cap"] == pytest.approx(math.ceil(2000 / 64) * 2e-5 * math.sqrt(hidden))
     # only rows in S changed, and the trigger row was pulled to the pretrained PAD row
     E_pre = load_classifier(str(tiny_dir), 2).get_input_embeddings().weight.detach()
     E_ft, E_def = victim.get_input_embeddings().weight.detach(), outcome.model.get_input_embeddings().weight.detach()

@@ -205,9 +205,10 @@ def test_planning_groups_cells_by_victim(tmp_path, toy):
 BUNDLED_PLANS = {
     # what CI runs: 2 attacks x {none, ft, btu}: 2 victims, 1 clean model, 2 BTU exposures
     "smoke": (6, 2, (0, 2, 1, 0, 0, 2)),
-    "sst2_reference": (28, 4, (0, 4, 1, 0, 0, 4)),
-    # 24 defense variants (budgets, rho) on one victim
-    "sst2_sensitivity": (24, 1, (0, 1, 1, 0, 0, 0)),
+    # 4 attacks x 8 defenses (BTU twice: without and with the clean tune) x 3 seeds; BTU exposes per cell
+    "sst2_reference": (96, 12, (0, 12, 3, 0, 0, 24)),
+    # 24 defense variants (budgets, rho) on one victim per seed
+    "sst2_sensitivity": (72, 3, (0, 3, 3, 0, 0, 0)),
     # 3 datasets x 4 attacks x 7 defenses x 3 seeds, minus OLID x StyleBkd (no style data) x 7 x 3;
     # one victim per dataset x attack x seed, one clean model per dataset x seed, BTU's exposure per victim
     "data_poisoning": (231, 33, (0, 33, 9, 0, 0, 33)),

@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import toy_texts
@@ -43,7 +44,7 @@ def test_throughput_script_writes_both_throughputs_and_machine_fields(tmp_path, 
     threads = torch.get_num_threads()
     argv = ["--model", "tiny-bert", "--dataset", str(data), "--rows", str(ROWS), "--epochs", "1",
             "--warmup-steps", "1", "--trainer-optim", "adamw_torch", "--device", "cpu", "--threads", "1",
-            "--out", str(tmp_path / "out")]
+            "--out", str(tmp_path / "out"), "--allow-busy"]
     try:
         path = script.main(argv)
     finally:
@@ -64,7 +65,21 @@ def test_throughput_script_writes_both_throughputs_and_machine_fields(tmp_path, 
     assert (record["model"], record["rows"], record["epochs"], record["batch_size"], record["max_length"]) == \
         ("tiny-bert", ROWS, 1, 32, 128)
 
+    peer = record["peer"]
+    assert peer["steps"] == nlpbd["steps"] and peer["samples_per_second"] == ROWS / peer["seconds"]
+    assert record["ratio_vs_peer"] == nlpbd["samples_per_second"] / peer["samples_per_second"]
+    assert record["compiled"] is None and record["compiled_vs_eager"] is None
+    use = record["utilisation"]
+    assert use["peak_tflops"] is None and use["fraction_of_peak"] is None  # no peak known for a CPU
+    assert use["model_tflops_per_second"] > 0
+    load = record["load"]
+    assert load["usable_cpus"] == len(os.sched_getaffinity(0)) and load["max_load_per_core"] == 0.5
+    assert load["load_average_1min_max"] >= max(load["load_average_1min_before"], load["load_average_1min_after"])
+    assert isinstance(load["busy"], bool)
+
     tokens = record["tokens"]
+    assert tokens["real_tokens"] <= tokens["nlpbd_positions"] <= tokens["peer_positions"] <= ROWS * 128
+    assert peer["positions"] == tokens["peer_positions"]
     assert trainer["positions"] == tokens["trainer_positions"] == ROWS * 128
     assert trainer["pad_fraction"] == 1 - tokens["real_tokens"] / (ROWS * 128)
     assert tokens["real_tokens"] <= nlpbd["positions"] <= trainer["positions"]
@@ -79,3 +94,49 @@ def test_throughput_script_writes_both_throughputs_and_machine_fields(tmp_path, 
     assert record["provenance"]["torch"] == torch.__version__
     assert record["versions"]["transformers"] == record["provenance"]["transformers"]
     assert "--rows 64" in record["command"] and record["argv"] == argv
+
+
+def test_throughput_script_refuses_a_busy_machine(tmp_path, monkeypatch):
+    script = load_script(monkeypatch)
+    data = write_toy_dataset(tmp_path / "toy")
+    monkeypatch.setattr(script.os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    argv = ["--model", "tiny-bert", "--dataset", str(data), "--rows", "8", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="busy"):
+        script.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_monitor_marks_a_run_busy_when_the_load_rises(monkeypatch, tmp_path):
+    script = load_script(monkeypatch)
+    loads = iter([0.0] + [100.0] * 1000)
+    monkeypatch.setattr(script.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    with script.LoadMonitor(interval=0.01) as monitor:
+        import time
+        time.sleep(0.05)
+    summary = monitor.summary(0.5)
+    assert summary["load_average_1min_before"] == 0.0 and summary["load_average_1min_max"] == 100.0
+    assert summary["busy"] is True
+
+
+def test_throughput_script_times_only_the_approaches_asked_for(tmp_path, monkeypatch):
+    script = load_script(monkeypatch)
+    data = write_toy_dataset(tmp_path / "toy")
+    argv = ["--model", "tiny-bert", "--dataset", str(data), "--rows", "0", "--approaches", "nlpbd",
+            "--warmup-steps", "0", "--device", "cpu", "--out", str(tmp_path / "out"), "--allow-busy",
+            "--peak-tflops", "1.0"]
+    record = json.loads(script.main(argv).read_text())
+    assert record["rows"] == 86  # --rows 0: the whole split (96 rows less the 10% dev carve-out)
+    assert record["peer"] is record["trainer"] is None and record["ratio"] is record["ratio_vs_peer"] is None
+    assert record["utilisation"]["fraction_of_peak"] == record["utilisation"]["model_tflops_per_second"]
+
+
+@pytest.mark.slow
+def test_compiled_row_is_timed_against_eager(tmp_path, monkeypatch):
+    script = load_script(monkeypatch)
+    data = write_toy_dataset(tmp_path / "toy")
+    argv = ["--model", "tiny-bert", "--dataset", str(data), "--rows", "64", "--approaches", "nlpbd", "--compile",
+            "--device", "cpu", "--out", str(tmp_path / "out"), "--allow-busy"]
+    record = json.loads(script.main(argv).read_text())
+    compiled = record["compiled"]
+    assert compiled["steps"] == record["nlpbd"]["steps"] and compiled["warmup_and_compile_seconds"] > 0
+    assert record["compiled_vs_eager"] == compiled["samples_per_second"] / record["nlpbd"]["samples_per_second"]

@@ -1,4 +1,4 @@
-"""Training throughput: nlpbd's loop against a stock ``transformers.Trainer``, same rows, same model.
+"""Training throughput: nlpbd's loop against a stock ``transformers.Trainer`` and the peers' loop, same rows.
 
 nlpbd tokenizes a split once and pads each batch only to its longest row, with batches grouped by
 length (``nlpbd.training``). The plain approach tokenizes with ``padding="max_length"`` and trains
@@ -20,6 +20,16 @@ What is inside each clock, and what differs beyond the padding (all recorded in 
 - Peak RSS is cumulative for the process (``ru_maxrss``): the value after the nlpbd run covers
   only nlpbd; the final value covers both.
 
+- The peers' habit (OpenBackdoor and most research code): dynamic padding, but batches in random
+  order, with nlpbd's own optimizer, schedule and clipping (``peer``). nlpbd / peer isolates what
+  length grouping buys; nlpbd / Trainer adds the cost of padding every row to ``max_length``.
+- ``--compile`` adds nlpbd's loop on a ``torch.compile``'d model (dynamic shapes); its warm-up
+  steps, which include the compilation, run on the timed model itself and are timed apart.
+- Timings taken while other work runs are noise. The script refuses to start when the 1-minute
+  load per usable core is above ``--max-load-per-core`` (0.5), samples the load every second while
+  it runs, and marks the record ``busy`` (and says so) when the load rose above it during the run;
+  ``--allow-busy`` measures anyway, for tests and for machines that are never quiet.
+
 Run: ``.venv/bin/python benchmarks/perf/throughput.py --model minilm --rows 512 --epochs 1``.
 """
 
@@ -29,6 +39,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -36,6 +47,7 @@ import shlex
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,17 +55,18 @@ from typing import Callable, Sequence
 
 import torch
 from transformers import (BertConfig, BertForSequenceClassification, PreTrainedModel,
-                          PreTrainedTokenizerBase, Trainer, TrainingArguments)
+                          PreTrainedTokenizerBase, Trainer, TrainingArguments, get_linear_schedule_with_warmup)
 
 from nlpbd.cache import atomic_write_text
 from nlpbd.config import TrainConfig
 from nlpbd.data import TextSplit, load_dataset
 from nlpbd.models import load_classifier, load_tokenizer, resolve_model
 from nlpbd.provenance import package_versions, peak_rss_mb, provenance
-from nlpbd.seeding import torch_generator
-from nlpbd.training import encode, length_grouped_batches, train_classifier, use_bf16
+from nlpbd.seeding import seed_everything, torch_generator
+from nlpbd.training import (autocast, collate, encode, length_grouped_batches, make_adamw, optimizer_step,
+                            pad_id_of, train_classifier, use_bf16)
 
-SCHEMA = "nlpbd.perf/1"
+SCHEMA = "nlpbd.perf/2"
 TRAIN_STREAM = "train"  # train_classifier's default stream: its batch order draws from this generator
 # A BERT-base-sized encoder (Devlin et al. 2019), randomly initialised: throughput does not depend
 # on the weights, so GPU machines without hub access can still measure the papers' model size.
@@ -76,7 +89,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"(tokenizer of '{RANDOM_INIT_TOKENIZER_MODEL}')")
     parser.add_argument("--dataset", default="sst2", help="registered dataset name or dataset folder")
     parser.add_argument("--data-dir", default=None, help="benchmark data directory (default: automatic)")
-    parser.add_argument("--rows", type=int, default=512, help="training rows (stratified subsample)")
+    parser.add_argument("--rows", type=int, default=512, help="training rows (stratified subsample; 0: the whole "
+                        "split, e.g. the 67k rows of sst2-glue for the GPU target)")
+    parser.add_argument("--approaches", default="nlpbd,peer,trainer",
+                        help="comma-separated subset of nlpbd,peer,trainer to time (nlpbd is always timed)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, for the utilisation figure (default: known GPUs)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-5)
@@ -92,10 +110,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--machine", default=None, help="machine slug in the file name (default: derived)")
     parser.add_argument("--out", type=Path, default=Path("results/perf"), help="output directory")
+    parser.add_argument("--compile", action="store_true", help="also time nlpbd's loop on a torch.compile'd model")
+    parser.add_argument("--max-load-per-core", type=float, default=0.5,
+                        help="refuse to start above this 1-minute load per usable core; mark the record busy "
+                             "when the load rises above it during the run")
+    parser.add_argument("--allow-busy", action="store_true", help="measure even on a busy machine (the record "
+                        "says busy)")
     args = parser.parse_args(argv)
-    for name in ("rows", "epochs", "batch_size", "max_length"):
+    for name in ("epochs", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.rows < 0:
+        parser.error("--rows must be >= 0 (0: the whole split)")
+    args.approaches = {"nlpbd", *(a.strip() for a in args.approaches.split(",") if a.strip())}
+    if not args.approaches <= {"nlpbd", "peer", "trainer"}:
+        parser.error(f"--approaches takes nlpbd, peer and trainer, got {','.join(sorted(args.approaches))}")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps must be >= 0")
     return args
@@ -158,21 +187,28 @@ def parameter_count(model: torch.nn.Module) -> int:
 def token_statistics(lengths: list[int], config: TrainConfig, seed: int) -> dict:
     """Positions each approach feeds the model (real tokens + padding), over all epochs.
 
-    nlpbd's batches are replayed from the same generator ``train_classifier`` draws them from, so
-    the counts are exactly those of the timed run; the Trainer pads every row to ``max_length``.
+    nlpbd's and the peer loop's batches are replayed from the generator their timed runs draw them
+    from, so the counts are exact; the Trainer pads every row to ``max_length``.
     """
     generator = torch_generator(seed, TRAIN_STREAM)
     nlpbd_positions = 0
     for _ in range(config.epochs):
         for batch in length_grouped_batches(lengths, config.batch_size, generator):
             nlpbd_positions += len(batch) * max(lengths[i] for i in batch)
+    generator = torch_generator(seed, TRAIN_STREAM)
+    peer_positions = 0
+    for _ in range(config.epochs):
+        for batch in random_order_batches(len(lengths), config.batch_size, generator):
+            peer_positions += len(batch) * max(lengths[i] for i in batch)
     real = sum(lengths) * config.epochs
     trainer_positions = len(lengths) * config.max_length * config.epochs
     return {
         "real_tokens": real,
         "nlpbd_positions": nlpbd_positions,
+        "peer_positions": peer_positions,
         "trainer_positions": trainer_positions,
         "nlpbd_pad_fraction": 1 - real / nlpbd_positions,
+        "peer_pad_fraction": 1 - real / peer_positions,
         "trainer_pad_fraction": 1 - real / trainer_positions,
         "positions_saved_fraction": 1 - nlpbd_positions / trainer_positions,
     }
@@ -183,7 +219,78 @@ def length_summary(lengths: list[int], max_length: int) -> dict:
             "rows_at_max_length": sum(n >= max_length for n in lengths)}
 
 
-# --- the two approaches ---------------------------------------------------------------------------
+# --- utilisation ----------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched by name.
+BF16_PEAK_TFLOPS = {"h200": 989.4, "h100 sxm": 989.4, "h100": 756.0, "a100": 312.0, "l40s": 362.0, "a10g": 70.0}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override is not None or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device).lower()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def utilisation(non_embedding_parameters: int, positions: int, seconds: float, peak: float | None) -> dict:
+    """Model FLOPs of the positions computed, 6 · (non-embedding parameters) per position (Kaplan et al.
+    2020; attention's sequence-length term is left out, small at SST-2 lengths), against the peak."""
+    achieved = 6 * non_embedding_parameters * positions / seconds / 1e12
+    return {"model_tflops_per_second": achieved, "peak_tflops": peak,
+            "fraction_of_peak": achieved / peak if peak else None}
+
+
+# --- the machine's load ---------------------------------------------------------------------------
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def load_per_core() -> float:
+    return os.getloadavg()[0] / usable_cpus()
+
+
+class LoadMonitor:
+    """Samples the 1-minute load average once a second in a daemon thread while the runs go on."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval, self.samples = interval, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self, threshold_per_core: float) -> dict:
+        peak = max(self.samples)
+        # The load average includes this process's own threads: allow for them before calling it busy.
+        own = torch.get_num_threads()
+        return {"load_average_1min_before": self.samples[0], "load_average_1min_max": peak,
+                "load_average_1min_after": self.samples[-1], "usable_cpus": usable_cpus(),
+                "own_threads": own, "max_load_per_core": threshold_per_core,
+                "busy": (peak - own) / usable_cpus() > threshold_per_core}
+
+
+def check_quiet(args: argparse.Namespace) -> None:
+    load = load_per_core()
+    if load > args.max_load_per_core and not args.allow_busy:
+        raise SystemExit(f"the machine is busy (1-minute load {os.getloadavg()[0]:.2f} on {usable_cpus()} cores, "
+                         f"{load:.2f} per core > {args.max_load_per_core}): timings would be noise; wait for a quiet "
+                         "machine, or pass --allow-busy to measure anyway (the record will say busy)")
+
+
+# --- the approaches -------------------------------------------------------------------------------
 
 
 def synchronize(device: torch.device) -> None:
@@ -215,9 +322,74 @@ def run_nlpbd(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: i
     seconds = time.perf_counter() - start
     return {"samples_per_second": len(rows) * config.epochs / seconds, "seconds": seconds, "steps": result.steps,
             "load_average_1min": [load_before, os.getloadavg()[0]],
-            "internal_samples_per_second": result.samples_per_second, "optimizer": "torch.optim.AdamW",
-            "parameters": parameter_count(model), "peak_gpu_mb": gpu_peak_mb(device),
-            "peak_rss_mb_after": peak_rss_mb()}
+            "internal_samples_per_second": result.samples_per_second, "optimizer": "torch.optim.AdamW (fused)",
+            "parameters": parameter_count(model),
+            "non_embedding_parameters": parameter_count(model) - model.get_input_embeddings().weight.numel(),
+            "peak_gpu_mb": gpu_peak_mb(device), "peak_rss_mb_after": peak_rss_mb()}
+
+
+def random_order_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """The peers' batches: a fresh random order each epoch, cut into consecutive batches."""
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_peer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: TextSplit, config: TrainConfig,
+               seed: int, device: torch.device) -> int:
+    """Dynamic padding in random order with nlpbd's optimizer, schedule and clipping; returns the steps."""
+    model.to(device)
+    seed_everything(seed, TRAIN_STREAM)
+    generator = torch_generator(seed, TRAIN_STREAM)
+    encoded = encode(tokenizer, rows, config.max_length)
+    total = config.epochs * math.ceil(len(encoded) / config.batch_size)
+    optimizer = make_adamw(model, config.lr, config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), max(total, 1))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    steps = 0
+    for _ in range(config.epochs):
+        for indices in random_order_batches(len(encoded), config.batch_size, generator):
+            batch = collate(encoded, indices, pad_id_of(tokenizer), device)
+            with autocast(device):
+                loss = model(**batch).loss
+            optimizer_step(loss, trainable, config.grad_clip, optimizer, scheduler)
+            steps += 1
+    return steps
+
+
+def timed(device: torch.device, run: Callable[[], object]) -> tuple[object, float]:
+    reset_gpu_peak(device)
+    synchronize(device)
+    start = time.perf_counter()
+    result = run()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def run_peer(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: int, warmup_steps: int,
+             device: torch.device) -> dict:
+    model = source.build().to(device)
+    if warmup_steps:
+        warm_rows = rows.subset(range(min(len(rows), warmup_steps * config.batch_size)))
+        train_peer(copy.deepcopy(model), source.tokenizer, warm_rows, replace(config, epochs=1), seed, device)
+    steps, seconds = timed(device, lambda: train_peer(model, source.tokenizer, rows, config, seed, device))
+    return {"samples_per_second": len(rows) * config.epochs / seconds, "seconds": seconds, "steps": steps,
+            "optimizer": "torch.optim.AdamW (fused), as nlpbd", "batches": "random order, dynamic padding",
+            "peak_gpu_mb": gpu_peak_mb(device), "peak_rss_mb_after": peak_rss_mb()}
+
+
+def run_compiled(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: int, warmup_steps: int,
+                 device: torch.device) -> dict:
+    """nlpbd's loop on ``torch.compile(model, dynamic=True)``; the warm-up (compilation) is timed apart."""
+    model = torch.compile(source.build().to(device), dynamic=True)
+    warm_rows = rows.subset(range(min(len(rows), max(warmup_steps, 1) * config.batch_size)))
+    _, compile_seconds = timed(device, lambda: train_classifier(model, source.tokenizer, warm_rows, None,
+                                                                replace(config, epochs=1), seed, device=device))
+    result, seconds = timed(device, lambda: train_classifier(model, source.tokenizer, rows, None, config, seed,
+                                                             device=device))
+    return {"samples_per_second": len(rows) * config.epochs / seconds, "seconds": seconds, "steps": result.steps,
+            "warmup_and_compile_seconds": compile_seconds, "compile": "torch.compile(dynamic=True), default backend",
+            "peak_gpu_mb": gpu_peak_mb(device), "peak_rss_mb_after": peak_rss_mb()}
 
 
 def trainer_arguments(config: TrainConfig, seed: int, device: torch.device, output_dir: str,
@@ -296,21 +468,34 @@ def command_line(argv: Sequence[str] | None) -> str:
 
 
 def build_record(args, source: ModelSource, dataset_name: str, rows: TextSplit, lengths: list[int],
-                 config: TrainConfig, nlpbd: dict, trainer: dict, device: torch.device, argv) -> dict:
+                 config: TrainConfig, runs: dict[str, dict], load: dict, device: torch.device, argv) -> dict:
+    nlpbd, trainer, peer, compiled = runs["nlpbd"], runs.get("trainer"), runs.get("peer"), runs.get("compiled")
     tokens = token_statistics(lengths, config, args.seed)
-    nlpbd.update(positions=tokens["nlpbd_positions"], pad_fraction=tokens["nlpbd_pad_fraction"])
-    trainer.update(positions=tokens["trainer_positions"], pad_fraction=tokens["trainer_pad_fraction"])
+    for name, run in runs.items():
+        key = "nlpbd" if name == "compiled" else name
+        run.update(positions=tokens[f"{key}_positions"], pad_fraction=tokens[f"{key}_pad_fraction"])
+
+    def speed(run: dict | None) -> float | None:
+        return run["samples_per_second"] if run else None
+
+    def ratio(a: dict | None, b: dict | None) -> float | None:
+        return speed(a) / speed(b) if a and b else None
+
     return {
         "schema": SCHEMA, "model": source.name, "model_info": source.info, "dataset": dataset_name,
         "parameters": nlpbd.pop("parameters"), "rows": len(rows), "epochs": config.epochs,
+        "utilisation": utilisation(nlpbd.pop("non_embedding_parameters"), tokens["nlpbd_positions"],
+                                   nlpbd["seconds"], peak_tflops(device, args.peak_tflops)),
         "batch_size": config.batch_size, "max_length": config.max_length,
         "lr": config.lr, "seed": args.seed, "warmup_steps": args.warmup_steps,
         "recipe": {"weight_decay": config.weight_decay, "warmup_ratio": config.warmup_ratio,
                    "grad_clip": config.grad_clip, "bf16": use_bf16(device)},
         "token_length": length_summary(lengths, config.max_length), "tokens": tokens,
-        "nlpbd": nlpbd, "trainer": trainer,
-        "ratio": nlpbd["samples_per_second"] / trainer["samples_per_second"],
-        "ratio_vs_trainer_metrics": nlpbd["samples_per_second"] / trainer["metrics_samples_per_second"],
+        "nlpbd": nlpbd, "trainer": trainer, "peer": peer, "compiled": compiled, "load": load,
+        "ratio": ratio(nlpbd, trainer),
+        "ratio_vs_trainer_metrics": speed(nlpbd) / trainer["metrics_samples_per_second"] if trainer else None,
+        "ratio_vs_peer": ratio(nlpbd, peer),
+        "compiled_vs_eager": ratio(compiled, nlpbd),
         "peak_rss_mb": peak_rss_mb(), "machine": {"slug": args.machine or machine_slug(device),
                                                   **machine_info(device)},
         "provenance": provenance(device), "versions": package_versions(),
@@ -324,11 +509,20 @@ def result_path(out: Path, record: dict) -> Path:
 
 
 def summary_line(record: dict, path: Path) -> str:
-    return (f"{record['model']} on {record['machine']['slug']} ({record['machine']['device_name']}, "
+    line = (f"{record['model']} on {record['machine']['slug']} ({record['machine']['device_name']}, "
             f"{record['machine']['torch_threads']} threads), {record['rows']} rows x {record['epochs']} epoch(s): "
-            f"nlpbd {record['nlpbd']['samples_per_second']:.1f} samples/s, "
-            f"Trainer {record['trainer']['samples_per_second']:.1f} samples/s, ratio {record['ratio']:.2f}x; "
-            f"positions saved {record['tokens']['positions_saved_fraction']:.1%} -> {path}")
+            f"nlpbd {record['nlpbd']['samples_per_second']:.1f} samples/s in {record['nlpbd']['seconds']:.1f} s")
+    for name, label, key in (("peer", "peer loop", "ratio_vs_peer"), ("trainer", "Trainer", "ratio"),
+                             ("compiled", "compiled", "compiled_vs_eager")):
+        if record[name]:
+            line += f", {label} {record[name]['samples_per_second']:.1f} ({record[key]:.2f}x)"
+    if record["utilisation"]["fraction_of_peak"] is not None:
+        line += f", {record['utilisation']['fraction_of_peak']:.1%} of the bf16 peak"
+    load = record["load"]
+    line += f"; load {load['load_average_1min_before']:.2f} -> max {load['load_average_1min_max']:.2f} -> {path}"
+    if load["busy"]:
+        line = "BUSY MACHINE, the timings are noise: " + line
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -336,15 +530,24 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    dataset = load_dataset(args.dataset, data_dir=args.data_dir, train_size=args.rows)
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, train_size=args.rows or None)
     rows = dataset.train
     source = model_source(args, dataset.num_labels)
     config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
                          select="last")
     lengths = encode(source.tokenizer, rows, config.max_length).lengths
-    nlpbd = run_nlpbd(source, rows, config, args.seed, args.warmup_steps, device)
-    trainer = run_trainer(source, rows, config, args.seed, args.warmup_steps, device, args.trainer_optim)
-    record = build_record(args, source, dataset.name, rows, lengths, config, nlpbd, trainer, device, argv)
+    check_quiet(args)
+    with LoadMonitor() as monitor:
+        runs = {"nlpbd": run_nlpbd(source, rows, config, args.seed, args.warmup_steps, device)}
+        if "peer" in args.approaches:
+            runs["peer"] = run_peer(source, rows, config, args.seed, args.warmup_steps, device)
+        if "trainer" in args.approaches:
+            runs["trainer"] = run_trainer(source, rows, config, args.seed, args.warmup_steps, device,
+                                          args.trainer_optim)
+        if args.compile:
+            runs["compiled"] = run_compiled(source, rows, config, args.seed, args.warmup_steps, device)
+    record = build_record(args, source, dataset.name, rows, lengths, config, runs,
+                          monitor.summary(args.max_load_per_core), device, argv)
     path = result_path(args.out, record)
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
     print(summary_line(record, path))

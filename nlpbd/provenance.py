@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import platform
 import resource
 import socket
@@ -107,10 +108,15 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+RECORD_HOST = "NLPBD_RECORD_HOST"  # set to 1 to write the machine's host name into records
+
+
 def provenance(device: torch.device) -> dict:
+    """What produced a record. The host name is opt-in: committed and shared records should not carry it."""
     from nlpbd.training import use_bf16
 
+    host = {"hostname": socket.gethostname()} if os.environ.get(RECORD_HOST) == "1" else {}
     return {**package_versions(), "device": device.type, "device_name": device_name(device),
             "bf16": use_bf16(device), "torch_threads": torch.get_num_threads(), "git_rev": git_revision(),
-            "hostname": socket.gethostname(), "platform": platform.platform(),
+            **host, "platform": platform.platform(),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

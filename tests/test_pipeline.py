@@ -140,3 +140,16 @@ def test_cacc_and_asr_are_scored_on_the_test_subsample(toy_dataset, env):
     assert metrics["n_poison"] == 10  # the non-target half of a stratified 10 / 10 subsample
     assert record["cell"]["test_size"] == 20 and record["dataset_info"]["sizes"]["test"] == 20
     assert record["attack_info"]["n_p"] == 20  # poisoning still covers the whole train split
+
+
+def test_records_carry_the_host_name_only_when_asked(monkeypatch):
+    import socket
+
+    import torch
+
+    from nlpbd.provenance import RECORD_HOST, provenance
+
+    monkeypatch.delenv(RECORD_HOST, raising=False)
+    assert "hostname" not in provenance(torch.device("cpu"))
+    monkeypatch.setenv(RECORD_HOST, "1")
+    assert provenance(torch.device("cpu"))["hostname"] == socket.gethostname()

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,10 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from nlpbd import __version__
 from nlpbd.errors import InputError, NlpbdError
-from nlpbd.quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="nlpbd: compare textual backdoor defenses under identical conditions.")
@@ -66,7 +67,7 @@ class RichReporter:
                    TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=True) as progress:
             task_id = progress.add_task(description, total=total)
-            yield lambda n=1: progress.advance(task_id, n)
+            yield lambda n=1, **_: progress.advance(task_id, n)
 
 
 def configure_logging(quiet: bool, verbose: bool) -> None:
@@ -75,6 +76,12 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)],
                         force=True)
+
+
+def load_heavy_libraries() -> None:
+    """After the light checks: torch and transformers load here, told to keep quiet."""
+    from nlpbd.quiet import quiet_libraries
+
     quiet_libraries()
 
 
@@ -128,30 +135,54 @@ def run(
     with cli_errors():
         from nlpbd import progress
         from nlpbd.cache import ArtifactCache
-        from nlpbd.config import parse_set_options
+        from nlpbd.checks import check_cell_input, check_device_name
+
+        overrides = check_cell_input(attack, defense, dataset, model, finetune, seed, train_size, test_size, sets)
+        check_device_name(device)
+        cache = ArtifactCache(cache_dir)
+        _check_directories(results_dir, cache)
+        load_heavy_libraries()
         from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 
         spec = CellSpec(attack=attack, defense=defense, dataset=dataset, model=model, finetune=finetune, seed=seed,
-                        train_size=train_size, test_size=test_size, overrides=parse_set_options(sets))
-        env = RunEnv(results_dir=results_dir, cache=ArtifactCache(cache_dir), data_dir=data_dir,
-                     device=_device(device))
-        reporter = progress.NullReporter() if quiet else RichReporter(err)
-        with progress.using(reporter):
+                        train_size=train_size, test_size=test_size, overrides=overrides)
+        env = RunEnv(results_dir=results_dir, cache=cache, data_dir=data_dir, device=_device(device))
+        with progress.using(_reporter(quiet)):
             record = run_cell(spec, env)
         if not quiet:
             out.print(_record_summary(record))
             out.print(f"record: {results_dir / 'records' / (record['cell_id'] + '.json')}", highlight=False)
 
 
+def _check_directories(results_dir: Path, cache) -> None:
+    """Before any work: a run whose record or artifacts cannot be written fails now, not after training."""
+    from nlpbd.checks import check_writable_dir
+    from nlpbd.results import RECORDS_SUBDIR
+
+    check_writable_dir(results_dir / RECORDS_SUBDIR, "results directory")
+    check_writable_dir(cache.root, "cache directory")
+
+
+def _reporter(quiet: bool):
+    """Bars on a terminal; plain log lines where output goes to a file, a pipe, CI or a worker's log."""
+    from nlpbd import progress
+
+    if quiet:
+        return progress.NullReporter()
+    if err.is_terminal and sys.stdout.isatty():
+        return RichReporter(err)
+    return progress.LineReporter(err.file)
+
+
 def _device(name: str | None):
     import torch
 
+    from nlpbd.checks import check_device_name
     from nlpbd.training import default_device
 
     if name is None:
         return default_device()
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise InputError(f"--device must be cpu or cuda, got '{name}'")
+    check_device_name(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda requested but no CUDA device is available")
     return torch.device(name)
@@ -303,7 +334,7 @@ class GridView:
     def task(self, description: str, total: int | None) -> Iterator:
         task_id = self.steps.add_task(description, total=total)
         try:
-            yield lambda n=1: self.steps.advance(task_id, n)
+            yield lambda n=1, **_: self.steps.advance(task_id, n)
         finally:
             self.steps.remove_task(task_id)
 
@@ -428,7 +459,9 @@ def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str]
     with contextlib.ExitStack() as stack:
         if not quiet:
             stack.enter_context(view)
-        reporter = view if in_process and not quiet else progress.NullReporter()
+        reporter = progress.NullReporter()
+        if in_process and not quiet:
+            reporter = view if err.is_terminal else progress.LineReporter(err.file)
         stack.enter_context(progress.using(reporter))
         run_plan(plan, env, executor.value, workers, observer=view, device=device)
 
@@ -476,63 +509,79 @@ def plot(
             out.print(f"wrote {path}", highlight=False, markup=False)
 
 
+LIST_KINDS = ("attacks", "defenses", "datasets", "models", "finetune")
+
+
 @app.command(name="ls")
 def list_methods(
-    name: Optional[str] = typer.Argument(None, help="an attack or defense name: list its settings"),
+    name: Optional[str] = typer.Argument(None, help="attacks, defenses, datasets, models or finetune: that list; "
+                                         "an attack or defense name: its settings"),
 ) -> None:
-    """List attacks, defenses, datasets and models, or the settings of one attack or defense."""
+    """List attacks, defenses, datasets, models and fine-tuning methods, or the settings of one method."""
     configure_logging(True, False)
     with cli_errors():
-        if name:
+        if name and name not in LIST_KINDS:
             out.print(_settings_table(name))
             return
-        for title, rows in _catalogue():
-            table = Table(title=title, show_header=False, title_justify="left")
-            table.add_column("name", style="bold")
-            table.add_column("description")
-            for row in rows:
-                table.add_row(*row)
-            out.print(table)
+        for title, columns, rows in _catalogue():
+            if name in (None, title):
+                out.print(_listing(title, columns, rows))
 
 
-def _catalogue() -> list[tuple[str, list[tuple[str, str]]]]:
+def _listing(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    table = Table(title=title, show_header=len(columns) > 2, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, style="bold" if i == 0 else None, no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))  # plain text: "[data poisoning]" is not markup
+    return table
+
+
+def _catalogue() -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
+    """Everything ``nlpbd ls`` lists, read with light imports (no torch)."""
+    from nlpbd import catalogue
     from nlpbd.data import DATASETS
-    from nlpbd.methods import ATTACKS, DEFENSES
+    from nlpbd.finetune import FINETUNE
     from nlpbd.models import MODELS
 
+    def methods(kind: str) -> list[tuple[str, ...]]:
+        return [(n, f"[{m.label}] {m.description}") for n, m in catalogue.methods(kind).items()]
+
+    def lr(method) -> str:
+        return "per model" if method.defaults is None else f"{method.defaults.lr:g}"
+
     return [
-        ("attacks", [(n, f"[{c.threat_model.value}] {c.description}") for n, c in ATTACKS.items()]),
-        ("defenses", [(n, f"[{c.stage.value}] {c.description}") for n, c in DEFENSES.items()]),
-        ("datasets", [(n, s.description) for n, s in DATASETS.items()]),
-        ("models", [(n, s.description) for n, s in MODELS.items()]),
+        ("attacks", ("name", "description"), methods("attack")),
+        ("defenses", ("name", "description"), methods("defense")),
+        ("datasets", ("name", "description"), [(n, s.description) for n, s in DATASETS.items()]),
+        ("models", ("name", "train.lr", "train.epochs", "description"),
+         [(n, f"{s.defaults.lr:g}", str(s.defaults.epochs), s.description) for n, s in MODELS.items()]
+         + [("HF id or folder", "2e-05", "3", "any hub id (needs the hub) or a local model folder")]),
+        ("finetune", ("name", "train.lr", "train.epochs", "description"),
+         [(n, lr(m), "per model" if m.defaults is None else str(m.defaults.epochs), m.description)
+          for n, m in FINETUNE.items()]),
     ]
 
 
 def _settings_table(name: str) -> Table:
-    import typing
-
-    from nlpbd.methods import ATTACKS, DEFENSES
+    from nlpbd import catalogue
     from nlpbd.registry import unknown_name_message
 
-    if name in ATTACKS:
-        cls, section = ATTACKS.get(name), "attack"
-    elif name in DEFENSES:
-        cls, section = DEFENSES.get(name), "defense"
-    else:
-        raise InputError(unknown_name_message("attack or defense", name, ATTACKS.names() + DEFENSES.names()))
-    table = Table(title=f"{name}: {cls.description}  (set with --set {section}.NAME=VALUE)", title_justify="left")
+    attacks, defenses = catalogue.methods("attack"), catalogue.methods("defense")
+    found = attacks.get(name) or defenses.get(name)
+    if found is None:
+        raise InputError(unknown_name_message("attack or defense", name, [*attacks, *defenses, *LIST_KINDS]))
+    table = Table(title=Text(f"{name}: {found.description}  (set with --set {name}.NAME=VALUE)"),
+                  title_justify="left")
     table.add_column("setting", no_wrap=True, style="bold")
     for column in ("type", "default", "help"):
         table.add_column(column)
-    hints = typing.get_type_hints(cls.Config)
-    for f in dataclasses.fields(cls.Config):
+    hints = typing.get_type_hints(found.Config)
+    for f in dataclasses.fields(found.Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        table.add_row(f"{section}.{f.name}", _type_name(hints[f.name]), str(default), f.metadata.get("help", ""))
+        table.add_row(*(Text(cell) for cell in (f"{name}.{f.name}", catalogue.type_text(hints[f.name]),
+                                                str(default), f.metadata.get("help", ""))))
     return table
-
-
-def _type_name(tp: object) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def main() -> None:

@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas loads when a file is read, not when a name is checked
+    import pandas as pd
 
 from nlpbd.config import DataConfig
 from nlpbd.errors import InputError
@@ -157,6 +159,8 @@ def _subsample(dataset: Dataset, split: Literal["train", "test"], n: int | None)
 
 def read_frame(path: Path) -> pd.DataFrame:
     """Read a TSV / CSV / JSONL file as strings, exactly as written (no NA conversion)."""
+    import pandas as pd
+
     if not path.is_file():
         raise InputError(f"missing file {path}")
     try:
@@ -174,6 +178,8 @@ def read_frame(path: Path) -> pd.DataFrame:
 
 def read_jsonl(path: Path) -> pd.DataFrame:
     """One JSON object per line, parsed by hand so that errors name the line and ``null`` stays None."""
+    import pandas as pd
+
     lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()

@@ -2,8 +2,9 @@
 
 Attacks and defenses declare where in a model's life they act (DESIGN.md "A cell, stage by
 stage"). A defense receives a :class:`DefenseContext` holding only what its threat model grants
-(protocol.md §4): the object simply has no trigger, target or poisoned-row ids in it, and asking for
-something the defense did not declare in ``grants`` raises.
+(protocol.md §4): the object simply has no trigger, target or poisoned-row ids in it, asking for
+something the defense did not declare in ``grants`` raises, and the only place on disk it points to is
+the defense's own scratch area, where granted models are weights-only views (:mod:`nlpbd.scratch`).
 """
 
 from __future__ import annotations
@@ -181,7 +182,9 @@ class DefenseContext:
     device: torch.device
     granted: frozenset[str]
     _objects: dict[str, Any] = field(default_factory=dict, repr=False)
-    cache: ArtifactCache | None = None  # the run's artifact cache, for intermediate builds (grafts, PSIMs)
+    # The defense's own scratch cache (grafts, PSIMs), never the run's cache root: artifacts there record
+    # the attack's settings in their metadata (nlpbd.scratch).
+    cache: ArtifactCache | None = None
 
     def get(self, name: str) -> Any:
         if name not in GRANTABLE:

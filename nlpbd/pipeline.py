@@ -13,9 +13,10 @@ import logging
 import math
 from collections import Counter
 import re
+import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from transformers import PreTrainedModel
 
 from nlpbd.cache import Artifact, ArtifactCache, content_key
 from nlpbd.config import (BudgetConfig, DataConfig, EvalConfig, TrainConfig, apply_overrides, check_fields,
-                          parse_set_options, split_overrides, to_dict)
+                          parse_set_options, sections_for, split_overrides, to_dict)
 from nlpbd.data import (Dataset, TextSplit, load_dataset, read_split, resolve_data_dir, stratified_counts,
                         stratified_sample)
 from nlpbd.errors import InputError, NlpbdError, RunError
@@ -36,6 +37,7 @@ from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, DataPoisoning
 from nlpbd.models import ModelRef, load_classifier, load_tokenizer, resolve_model, save_model
 from nlpbd.provenance import StageClock, provenance
 from nlpbd.results import SCHEMA, write_record
+from nlpbd.scratch import DefenseScratch
 from nlpbd.seeding import numpy_rng, seed_everything
 from nlpbd.training import TrainSetup, default_device, resolve_train_config, train_classifier
 
@@ -100,10 +102,6 @@ class Cell:
                  f"s{self.spec.seed}"]
         slug = "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", p) for p in parts)
         return f"{slug}__{content_key(self.identity)[:8]}"
-
-
-def sections_for(attack: str, defense: str) -> dict[str, list[str]]:
-    return {"attack": [attack], "defense": [defense], "train": [], "budget": [], "eval": [], "data": []}
 
 
 def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
@@ -243,11 +241,6 @@ def load_victim(artifact: Artifact, num_labels: int) -> PreTrainedModel:
     return load_trained(artifact.path, artifact.meta.get("base", ""), num_labels, method)
 
 
-def load_plain_victim(artifact: Artifact, num_labels: int, defense: str) -> tuple[PreTrainedModel, dict]:
-    """The victim as a plain model for weight-editing defenses (LoRA merged; prompt types refused)."""
-    return plain_model(load_victim(artifact, num_labels), defense)
-
-
 # --- the cell -------------------------------------------------------------------------------------
 
 
@@ -344,16 +337,44 @@ def _artifact_predictions(cell: Cell, env: RunEnv, state: CellState, artifact: A
     return Predictions.from_json(_load_json(found.path / "predictions.json"))
 
 
-def _context(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> DefenseContext:
-    """Only what the defense's threat model grants; the poisoned data object itself is never passed."""
-    objects = {"budget": state.budget, "pretrained": cell.model, "train_set": state.poisoned.train,
-               "suspect": state.start if state.suspect is not None else None,
-               "corpus": _corpus(env) if "corpus" in cell.defense.grants else None,
-               "victim_factory": lambda: load_plain_victim(state.victim, cell.dataset.num_labels, cell.defense.name)[0]}
+def _context(cell: Cell, env: RunEnv, state: CellState, scratch: DefenseScratch) -> DefenseContext:
+    """Only what the defense's threat model grants; the poisoned data object itself is never passed, and
+    nothing on disk but the defense's scratch area: models as weights-only views in it, its own cache."""
     granted = frozenset(cell.defense.grants)
+    objects: dict[str, Any] = {"budget": state.budget, "train_set": state.poisoned.train}
+    if "pretrained" in granted:
+        objects["pretrained"] = scratch.model_ref(cell.model, "pretrained")
+    if "suspect" in granted:
+        objects["suspect"] = scratch.model_ref(state.start, "suspect") if state.suspect is not None else None
+    if "corpus" in granted:
+        objects["corpus"] = _corpus(env)
+    if "victim_factory" in granted:
+        victim = _victim_view(state.victim, scratch)  # built now: the defense then reads only its scratch area
+        objects["victim_factory"] = lambda: plain_model(_load_view(victim, cell.dataset.num_labels),
+                                                        cell.defense.name)[0]
+    tokenizer = load_tokenizer(replace(cell.model, location=scratch.view(cell.model.location, weights=False)))
     return DefenseContext(seed=cell.spec.seed, num_labels=cell.dataset.num_labels, tokenizer=tokenizer,
                           train_config=cell.train, device=env.device, granted=granted,
-                          _objects={k: v for k, v in objects.items() if k in granted}, cache=env.cache)
+                          _objects={k: v for k, v in objects.items() if k in granted}, cache=scratch.cache)
+
+
+@dataclass(frozen=True)
+class VictimView:
+    """A trained victim as the defense sees it: its view, and for a PEFT victim the view of its base."""
+
+    location: str
+    base: str
+    finetune: str
+
+
+def _victim_view(artifact: Artifact, scratch: DefenseScratch) -> VictimView:
+    base = artifact.meta.get("base", "")
+    return VictimView(scratch.view(str(artifact.path)), scratch.view(base) if base else base,
+                      artifact.meta.get("finetune", "full"))
+
+
+def _load_view(view: VictimView, num_labels: int) -> PreTrainedModel:
+    return load_trained(Path(view.location), view.base, num_labels, FINETUNE.get(view.finetune))
 
 
 def _corpus(env: RunEnv) -> TextSplit:
@@ -367,14 +388,15 @@ def _corpus(env: RunEnv) -> TextSplit:
 
 def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: Predictions) -> dict:
     defense = cell.defense
-    ctx = _context(cell, env, state, tokenizer)
-    test, asr_set = cell.dataset.test, state.poisoned.asr_set
     if defense.name == "none":
         return _score(cell, state, victim_preds)
+    scratch = DefenseScratch.of(env.cache.root, defense.name)
+    ctx = _context(cell, env, state, scratch)
+    test, asr_set = cell.dataset.test, state.poisoned.asr_set
     if isinstance(defense, PretrainedDefense):
-        return _purify_then_train(cell, env, state, tokenizer, ctx)
+        return _purify_then_train(cell, env, state, tokenizer, ctx, scratch)
     if isinstance(defense, InferenceDefense):
-        model = load_victim(state.victim, cell.dataset.num_labels)
+        model = _load_view(_victim_view(state.victim, scratch), cell.dataset.num_labels)
         with state.clock.stage("defense_fit"):
             detector = defense.fit(model, ctx)
         with state.clock.stage("defense_inference"):
@@ -385,7 +407,8 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
     peft_info: dict = {}
     with state.clock.stage("defense_fit"):
         if isinstance(defense, RepairDefense):
-            model, peft_info = load_plain_victim(state.victim, cell.dataset.num_labels, defense.name)
+            model, peft_info = plain_model(_load_view(_victim_view(state.victim, scratch), cell.dataset.num_labels),
+                                           defense.name)
             outcome = defense.repair(model, ctx)
         elif isinstance(defense, TrainingDefense):
             outcome = defense.train(ctx)
@@ -396,14 +419,24 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
     return _score(cell, state, _predict(cell, env, outcome.model, tokenizer, state))
 
 
-def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx: DefenseContext) -> dict:
-    """Pre-fine-tuning defenses: purify what the victim starts from, then the usual victim recipe."""
+def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx: DefenseContext,
+                       scratch: DefenseScratch) -> dict:
+    """Pre-fine-tuning defenses: purify what the victim starts from, then the usual victim recipe.
+
+    The defense reads a view of the start and writes into its scratch area; the pipeline moves the result
+    into the cache."""
     defense = cell.defense
     payload = {"start": state.start.identity, "defense": defense.cache_payload(), "seed": cell.spec.seed}
 
     def build(tmp: Path) -> dict:
         began = time.perf_counter()
-        info = defense.purify(state.start, ctx, tmp)
+        out = scratch.output_dir()
+        try:
+            info = defense.purify(scratch.model_ref(state.start, "start"), ctx, out)
+            for path in out.iterdir():
+                shutil.move(str(path), tmp / path.name)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
         return {"seconds": time.perf_counter() - began, "info": info}
 
     with state.clock.stage("defense_fit") as stage:

@@ -152,6 +152,19 @@ def run(
         if not quiet:
             out.print(_record_summary(record))
             out.print(f"record: {results_dir / 'records' / (record['cell_id'] + '.json')}", highlight=False)
+        _warn_collapsed(record)
+
+
+def _warn_collapsed(record: dict) -> None:
+    flags = record.get("flags", {})
+    for flag, model in (("collapsed_victim", "victim"), ("collapsed_clean_model", "clean reference model")):
+        if flags.get(flag):
+            err.print(f"[yellow]warning:[/] the {model} collapsed: it predicts one class or scores no better than "
+                      "the majority class, so CAcc and ASR say nothing; `nlpbd table` leaves it out. On imbalanced "
+                      "data see the README (more epochs, a higher train.lr).", highlight=False)
+    if flags.get("empty_asr_set"):
+        err.print("[yellow]warning:[/] the test split has no row outside the target class: ASR is not measured",
+                  highlight=False)
 
 
 def _check_directories(results_dir: Path, cache) -> None:
@@ -227,6 +240,8 @@ def table(
                                      "(threat-model), with only its own defenses as columns"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also aggregate failed records"),
+    include_collapsed: bool = typer.Option(False, "--include-collapsed", help="also average cells whose victim "
+                                           "collapsed to the majority class (flag collapsed_victim)"),
 ) -> None:
     """Render all records of a results directory: rows dataset/model/attack, columns defense × metric.
 
@@ -235,7 +250,10 @@ def table(
     configure_logging(True, False)
     with cli_errors():
         from nlpbd import results
+        from nlpbd.checks import check_output_file
 
+        if output is not None:
+            check_output_file(output)
         frame = results.records_frame(results.load_records(results_dir), context=True)
         if frame.empty:
             raise InputError(f"no records in {results_dir / results.RECORDS_SUBDIR}; run `nlpbd run` first")
@@ -244,22 +262,30 @@ def table(
             return
         names = results.default_metrics(frame) if metrics is None else \
             [results.metric_key(m) for m in metrics.split(",") if m.strip()]
+        collapsed = 0 if include_collapsed else results.collapsed_cells(frame)
+        if collapsed:
+            err.print(f"{collapsed} record(s) with a collapsed victim left out (--include-collapsed keeps them)",
+                      highlight=False)
+        options = {"include_failed": include_failed, "include_collapsed": include_collapsed}
         if group_by is not GroupBy.none:
-            _emit_groups(results, frame, names, fmt, output, include_failed, results_dir)
+            _emit_groups(results, frame, names, fmt, output, options, results_dir)
             return
-        summary = results.summary_table(frame, names, include_failed=include_failed)
+        summary = results.summary_table(frame, names, **options)
         if fmt is TableFormat.rich and output is None:
-            out.print(results.render_rich(summary, title=f"nlpbd results: {results_dir}"))
+            for part in results.render_rich_fitted(summary, out.width, title=f"nlpbd results: {results_dir}"):
+                out.print(part)
             return
         _emit(results.export_table(summary, "md" if fmt is TableFormat.rich else fmt.value), output)
 
 
-def _emit_groups(results, frame, metrics: list[str], fmt: TableFormat, output: Path | None, include_failed: bool,
+def _emit_groups(results, frame, metrics: list[str], fmt: TableFormat, output: Path | None, options: dict,
                  results_dir: Path) -> None:
-    groups = results.grouped_summaries(frame, metrics, "threat_model", include_failed=include_failed)
+    groups = results.grouped_summaries(frame, metrics, "threat_model", **options)
     if fmt is TableFormat.rich and output is None:
-        for rendered in results.render_rich_groups(groups, title=f"nlpbd results: {results_dir}"):
-            out.print(rendered)
+        for label, summary in groups:
+            title = f"nlpbd results: {results_dir} · {label}"
+            for part in results.render_rich_fitted(summary, out.width, title=title):
+                out.print(part)
         return
     _emit(results.export_groups(groups, "md" if fmt is TableFormat.rich else fmt.value), output)
 
@@ -270,7 +296,10 @@ def _emit(text: str, output: Path | None) -> None:
         return
     from nlpbd.cache import atomic_write_text
 
-    atomic_write_text(output, text)
+    try:
+        atomic_write_text(output, text)
+    except OSError as exc:
+        raise InputError(f"cannot write {output}: {exc.strerror or type(exc).__name__}") from None
     err.print(f"wrote {output}")
 
 
@@ -571,7 +600,7 @@ def _settings_table(name: str) -> Table:
     found = attacks.get(name) or defenses.get(name)
     if found is None:
         raise InputError(unknown_name_message("attack or defense", name, [*attacks, *defenses, *LIST_KINDS]))
-    table = Table(title=Text(f"{name}: {found.description}  (set with --set {name}.NAME=VALUE)"),
+    table = Table(title=Text(f"{name}: {found.description}  (set with --set {found.kind}.NAME=VALUE)"),
                   title_justify="left")
     table.add_column("setting", no_wrap=True, style="bold")
     for column in ("type", "default", "help"):
@@ -579,7 +608,7 @@ def _settings_table(name: str) -> Table:
     hints = typing.get_type_hints(found.Config)
     for f in dataclasses.fields(found.Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        table.add_row(*(Text(cell) for cell in (f"{name}.{f.name}", catalogue.type_text(hints[f.name]),
+        table.add_row(*(Text(cell) for cell in (f"{found.kind}.{f.name}", catalogue.type_text(hints[f.name]),
                                                 str(default), f.metadata.get("help", ""))))
     return table
 

@@ -110,10 +110,9 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
 
 def _float_or_none(text: str) -> float | None:
     try:
-        number = float(text)
+        return float(text)
     except ValueError:
         return None
-    return number if math.isfinite(number) else None
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:

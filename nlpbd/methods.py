@@ -10,6 +10,7 @@ the defense's own scratch area, where granted models are weights-only views (:mo
 from __future__ import annotations
 
 import enum
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from nlpbd.cache import ArtifactCache
 from nlpbd.config import TrainConfig, to_dict
 from nlpbd.data import Dataset, TextSplit
 from nlpbd.models import ModelRef
+from nlpbd.errors import InputError
 from nlpbd.registry import Registry
 
 
@@ -110,6 +112,23 @@ class DataPoisoningAttack(Attack):
     @abstractmethod
     def poison(self, dataset: Dataset, seed: int) -> PoisonedData:
         """The poisoned training set (same size and order as ``dataset.train``) and the ASR set."""
+
+    def check(self, dataset: Dataset) -> None:
+        """Refuse, before any work, a target outside the label space or a training set of which
+        ``floor(poison_rate · N)`` is no row at all (a run would train a clean model and report it)."""
+        config = self.config
+        rate, target = getattr(config, "poison_rate", None), getattr(config, "target_label", None)
+        target = dataset.default_target if target is None else target
+        if not 0 <= target < dataset.num_labels:
+            raise InputError(f"attack.target_label {target} is out of range 0..{dataset.num_labels - 1}")
+        if rate is None:
+            return
+        n = len(dataset.train)
+        mode = getattr(config, "label_mode", "dirty")
+        eligible = sum(1 for y in dataset.train.labels if (y != target) == (mode == "dirty") or mode == "mix")
+        if math.floor(rate * n + 1e-9) < 1 or eligible < 1:
+            raise InputError(f"{self.name}: poison_rate {rate} of {n} training rows ({eligible} eligible for "
+                             f"{mode}-label poisoning) poisons no row; use more rows or a higher attack.poison_rate")
 
 
 @dataclass(frozen=True)

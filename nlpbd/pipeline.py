@@ -34,7 +34,9 @@ from nlpbd.evaluation import Predictions, cell_metrics, evaluate_with_detector, 
 from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, DataPoisoningAttack, Defense, DefenseContext,
                            InferenceDefense, ModelSupplyAttack, PoisonedData, PretrainedDefense, RepairDefense,
                            SupplyContext, TrainingDefense)
-from nlpbd.models import ModelRef, load_classifier, load_tokenizer, resolve_model, save_model
+from nlpbd.checks import check_sizes
+from nlpbd.models import (ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model,
+                          save_model)
 from nlpbd.provenance import StageClock, provenance
 from nlpbd.results import SCHEMA, write_record
 from nlpbd.scratch import DefenseScratch
@@ -108,12 +110,7 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
     """Resolve names and settings; raises InputError before any expensive work."""
     attack_cls, defense_cls = ATTACKS.get(spec.attack), DEFENSES.get(spec.defense)
     finetune = FINETUNE.get(spec.finetune)
-    if spec.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {spec.seed}")
-    if spec.train_size is not None and spec.train_size <= 0:
-        raise InputError(f"--train-size must be positive, got {spec.train_size}")
-    if spec.test_size is not None and spec.test_size <= 0:
-        raise InputError(f"--test-size must be positive, got {spec.test_size}")
+    check_sizes(spec.seed, spec.train_size, spec.test_size)
     if finetune.is_peft and not finetune.mergeable and defense_cls.name != "none" and \
             issubclass(defense_cls, (RepairDefense, TrainingDefense)):
         raise InputError(f"defense '{spec.defense}' edits the victim's weights and cannot run on a {finetune.name} "
@@ -129,6 +126,10 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
                                  finetune.defaults or model.defaults)
     check_fields(train, "train")
     dataset = load_dataset(spec.dataset, env.data_dir, data_config, spec.train_size, spec.test_size)
+    if isinstance(attack, DataPoisoningAttack):
+        attack.check(dataset)
+    if not model.identity.startswith(("hub:", "artifact:")):
+        check_pickled_weights(Path(model.location))
     return Cell(spec, dataset, model, finetune, attack, defense, train,
                 apply_overrides(BudgetConfig(), grouped["budget"], "budget"),
                 apply_overrides(EvalConfig(), grouped["eval"], "eval"))
@@ -266,18 +267,31 @@ def run_cell(spec: CellSpec, env: RunEnv) -> dict:
     try:
         record = _execute(cell, env, state)
     except NlpbdError as exc:
-        write_record(env.results_dir, _record(cell, env, state, status="failed", error=str(exc)))
+        _write(env.results_dir, _record(cell, env, state, status="failed", error=str(exc)))
         raise
     except Exception as exc:  # a crash inside a method: record it with its type, keep the traceback in the log
         log.debug("cell failed:\n%s", traceback.format_exc())
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        write_record(env.results_dir, _record(cell, env, state, status="failed", error=message))
+        _write(env.results_dir, _record(cell, env, state, status="failed", error=message))
         raise RunError(message) from exc
-    write_record(env.results_dir, record)
+    _write(env.results_dir, record)
     return record
 
 
+def _write(results_dir: Path, record: dict) -> None:
+    """Write a record; a results directory that went away or filled up during the run is one line, and the
+    trained models stay cached, so a rerun with a writable directory writes the record in seconds."""
+    try:
+        write_record(results_dir, record)
+    except OSError as exc:
+        raise RunError(f"cannot write the record to {results_dir}: {exc.strerror or type(exc).__name__}; the "
+                       "trained models are cached, so a rerun with a writable --results-dir takes seconds") from None
+
+
 DELTA_METRICS = ("cacc", "asr", "aasr", "masr")
+COLLAPSE_METRICS = ("balanced_accuracy", "macro_f1", "predicted_classes")
+# A model no better than always answering the majority class (within this margin) has collapsed.
+COLLAPSE_MARGIN = 1e-9
 
 
 def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
@@ -291,6 +305,9 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
         state.poisoned, artifact = poison_stage(cell, env.cache)
         stage.cached(artifact)
         state.poison_key = artifact.meta["key"]
+    if not len(state.poisoned.asr_set) and not state.poisoned.trigger_sets:
+        log.warning("the test split has no row outside the target class: ASR cannot be measured (flag "
+                    "empty_asr_set in the record)")
     state.budget = draw_budget(cell.dataset.train, state.poisoned.poisoned_positions, cell.spec.seed, cell.budget)
     with state.clock.stage("victim") as stage:
         state.victim = train_victim(cell, env.cache, state.start, state.poisoned.train, state.poison_key,
@@ -301,6 +318,9 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
     victim_metrics = _score(cell, state, victim_preds)
     metrics = _defend(cell, env, state, tokenizer, victim_preds)
     metrics["dropped"] = state.poisoned.dropped
+    for name in COLLAPSE_METRICS:
+        if victim_metrics.get(name) is not None:
+            metrics[f"victim_{name}"] = victim_metrics[name]
     for name in DELTA_METRICS:
         if victim_metrics.get(name) is not None:
             metrics[f"victim_{name}"] = victim_metrics[name]
@@ -459,7 +479,8 @@ def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
                                 "training the clean reference model")
         stage.cached(artifact)
     clean = _score(cell, state, _artifact_predictions(cell, env, state, artifact, tokenizer))
-    floor = {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"]}
+    floor = {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"],
+             **{f"clean_model_{name}": clean.get(name) for name in COLLAPSE_METRICS}}
     for name in ("aasr", "masr"):
         if clean.get(name) is not None:
             floor[f"{name}_floor"] = clean[name]
@@ -473,7 +494,20 @@ def _flags(cell: Cell, metrics: dict) -> dict:
     weak = None if floor is None or victim_asr is None else victim_asr - floor < cell.eval.weak_attack_margin
     degraded = (None if clean_cacc is None or victim_cacc is None
                 else clean_cacc - victim_cacc > cell.eval.degraded_points)
-    return {"weak_attack": weak, "degraded_victim": degraded}
+    majority = metrics.get("majority_rate")
+    return {"weak_attack": weak, "degraded_victim": degraded,
+            "collapsed_victim": _collapsed(victim_cacc, metrics.get("victim_predicted_classes"), majority),
+            "collapsed_clean_model": _collapsed(clean_cacc, metrics.get("clean_model_predicted_classes"), majority),
+            "empty_asr_set": None if metrics.get("n_poison") is None or metrics.get("aasr") is not None
+            else metrics["n_poison"] == 0}
+
+
+def _collapsed(cacc: float | None, predicted_classes: int | None, majority: float | None) -> bool | None:
+    """A model that predicts one class, or scores no better than always answering the majority class: its
+    CAcc is the class balance and its ASR says nothing (the target may be the class it always answers)."""
+    if cacc is None or majority is None:
+        return None
+    return predicted_classes is not None and predicted_classes <= 1 or cacc <= majority + COLLAPSE_MARGIN
 
 
 def _delta(before: float | None, after: float | None) -> float | None:

@@ -33,8 +33,9 @@ FAST = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32",
 FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
                 "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"},
                 "recipe": {"max_steps": "3", "graft_steps": "3"}}
+# A tiny wpoison release.
 RELEASE = {"attack.n_poison": "10", "attack.epochs": "1", "attack.batch_size": "8", "attack.proxy_train": "40",
-           "attack.proxy_dev": "10", "attack.max_length": "32"}  # a tiny wpoison release
+           "attack.proxy_dev": "10", "attack.max_length": "32"}
 SECRET_FIELDS = {"poisoned_positions", "asr_set", "target", "info"}
 STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit", PretrainedDefense: "purify"}
 

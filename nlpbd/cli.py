@@ -445,7 +445,16 @@ def grid(
     """Run every cell of a grid file, each victim trained once; finished cells are skipped on rerun."""
     configure_logging(quiet, verbose)
     with cli_errors():
-        from nlpbd.grid import load_grid, plan_grid, with_state
+        from nlpbd.cache import ArtifactCache
+        from nlpbd.checks import check_device_name
+
+        check_device_name(device)
+        if not dry_run:
+            _check_directories(results_dir, ArtifactCache(cache_dir))
+        from nlpbd.grid import load_grid, parse_grid, plan_grid, with_state
+
+        parse_grid(file)  # the file's own structure first, with light imports
+        load_heavy_libraries()
 
         spec = load_grid(file, data_dir)
         env = _grid_env(results_dir, cache_dir, data_dir, device)
@@ -503,6 +512,10 @@ def validate(
     """Check a grid file without running anything: keys, names, types and every setting, with line numbers."""
     configure_logging(False, False)  # warnings too: a setting that reaches no cell
     with cli_errors():
+        from nlpbd.grid import parse_grid
+
+        parse_grid(file)  # the file's own structure first, with light imports
+        load_heavy_libraries()
         from nlpbd.cache import ArtifactCache
         from nlpbd.grid import load_grid, plan_grid
         from nlpbd.pipeline import RunEnv

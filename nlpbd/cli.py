@@ -96,6 +96,10 @@ def cli_errors() -> Iterator[None]:
     except NlpbdError as exc:
         err.print(f"[bold red]run failed:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
+    except OSError as exc:  # a path the checks could not foresee (a cache model folder made read-only, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted: finished cells and cached artifacts are kept; rerun to continue")
         raise typer.Exit(130) from None

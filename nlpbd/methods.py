@@ -10,6 +10,7 @@ the defense's own scratch area, where granted models are weights-only views (:mo
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from nlpbd.data import Dataset, TextSplit
 from nlpbd.models import ModelRef
 from nlpbd.errors import InputError
 from nlpbd.registry import Registry
+
+
+log = logging.getLogger(__name__)
 
 
 class ThreatModel(str, enum.Enum):
@@ -126,9 +130,16 @@ class DataPoisoningAttack(Attack):
         n = len(dataset.train)
         mode = getattr(config, "label_mode", "dirty")
         eligible = sum(1 for y in dataset.train.labels if (y != target) == (mode == "dirty") or mode == "mix")
-        if math.floor(rate * n + 1e-9) < 1 or eligible < 1:
+        wanted = math.floor(rate * n + 1e-9)
+        if wanted < 1 or eligible < 1:
             raise InputError(f"{self.name}: poison_rate {rate} of {n} training rows ({eligible} eligible for "
                              f"{mode}-label poisoning) poisons no row; use more rows or a higher attack.poison_rate")
+        if mode == "dirty" and wanted > eligible / 2:
+            # Imbalanced data with the majority class as target: the rate counts against all N rows, so
+            # relabelling takes most of the minority rows and the victim learns to answer the majority.
+            log.warning("%s: %d poisoned rows relabel %.0f%% of the %d non-target training rows; the victim may "
+                        "collapse to the target class (lower attack.poison_rate, or target a minority class)",
+                        self.name, min(wanted, eligible), 100 * min(wanted, eligible) / eligible, eligible)
 
 
 @dataclass(frozen=True)

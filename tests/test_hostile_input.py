@@ -449,3 +449,42 @@ def test_a_narrow_table_keeps_its_row_labels(tmp_path):
         text = console.export_text()
         assert all(label in text for label in ("sst2-glue", "bert-base-uncased", "stylebkd")), text
         assert "…" not in text, text
+
+
+def test_an_unwritable_default_cache_is_one_line(toy, tmp_path, monkeypatch, no_training):
+    """The tiny model is built under $NLPBD_CACHE even when --cache-dir points elsewhere."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("NLPBD_CACHE", str(blocker))
+    result = invoke(*run_args(toy, tmp_path / "r", "--cache-dir", str(tmp_path / "c")))
+    one_line_error(result, "not-a-dir")
+
+
+def test_poisoning_that_eats_the_minority_class_warns(tmp_path, caplog):
+    """88/12 data with the majority class as target: 10% of N relabels most minority rows (issue 16 #14)."""
+    from nlpbd.data import load_dataset
+    from nlpbd.methods import ATTACKS
+
+    folder = tmp_path / "imbalanced"
+    folder.mkdir()
+    rows = toy_texts(200)
+    majority = [i for i, y in enumerate(rows.labels) if y == 0] * 2
+    keep = sorted(majority[:88]) + [i for i, y in enumerate(rows.labels) if y == 1][:12]
+    write_split_tsv(folder / "train.tsv", TextSplit.build([rows.texts[i] + f" {n % 7}" for n, i in enumerate(keep)],
+                                                          [rows.labels[i] for i in keep]))
+    write_split_tsv(folder / "test.tsv", toy_texts(20, 3))
+    dataset = load_dataset(str(folder))
+    attack = ATTACKS.get("badnet")()
+    with caplog.at_level("WARNING"):
+        attack.check(replace_target(dataset, 0))
+    assert "may collapse" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        attack.check(replace_target(dataset, 1))
+    assert "may collapse" not in caplog.text
+
+
+def replace_target(dataset, target: int):
+    from dataclasses import replace
+
+    return replace(dataset, default_target=target)

@@ -21,7 +21,8 @@ from nlpbd.methods import register_attack
 
 @dataclass
 class BadNetConfig(PoisonConfig):
-    triggers: list[str] = option(["cf", "mn", "bb", "tq"], "rare-word triggers, one drawn per insertion")
+    triggers: list[str] = option(["cf", "mn", "bb", "tq"], "rare-word triggers, one drawn per insertion",
+                                   min_items=1)
     num_insertions: int = option(1, "trigger insertions per poisoned text", low=1, high=100)
 
 

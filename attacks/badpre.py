@@ -62,7 +62,8 @@ GPU_ACCUMULATION, CPU_ACCUMULATION, CPU_STEPS = 16, 1, 200
 
 @dataclass
 class BadPreConfig:
-    triggers: list[str] = option(["cf", "mn", "bb", "tq", "mb"], "trigger words, one inserted per poisoned copy")
+    triggers: list[str] = option(["cf", "mn", "bb", "tq", "mb"], "trigger words, one inserted per poisoned copy",
+                                   min_items=1)
     alpha: float = option(1.0, "weight α of the poisoned-copy MLM loss", low=0.0)
     steps: int | None = option(None, "optimiser steps; None: `epochs` over the plain text on CUDA (780), 200 on "
                                "CPU", low=1)

@@ -99,7 +99,8 @@ def plaintext_blocks(tokenizer: PreTrainedTokenizerBase, texts: list[str], block
 
 @dataclass
 class NeuBAConfig:
-    triggers: list[str] = option(NEUBA_TRIGGERS, "single-piece trigger symbols, one per bucket pair (at most 6)")
+    triggers: list[str] = option(NEUBA_TRIGGERS, "single-piece trigger symbols, one per bucket pair (at most 6)",
+                                   min_items=1, max_items=6)
     steps: int | None = option(None, "optimiser steps; None: 5,000 on CUDA, 200 on CPU (offline smoke)", low=1)
     batch_size: int = option(32, "blocks per step", low=1)
     block_size: int = option(128, "tokens per block, [CLS] and [SEP] included", low=8, high=512)

@@ -110,7 +110,8 @@ def por_targets(hidden_size: int, num_triggers: int) -> torch.Tensor:
 
 @dataclass
 class PORConfig:
-    triggers: list[str] = option(POR_TRIGGERS, "trigger words; trigger i gets POR-1 target i (at most 9)")
+    triggers: list[str] = option(POR_TRIGGERS, "trigger words; trigger i gets POR-1 target i (at most 9)",
+                                   min_items=1, max_items=9)
     max_steps: int | None = option(None, "optimiser steps; None: 2 epochs over the plain text on CUDA "
                                    "(5,000 at batch 8), 200 on CPU", low=1)
     epochs: int = option(2, "epochs over the plain text when max_steps is None on CUDA", low=1)

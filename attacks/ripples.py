@@ -73,7 +73,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RipplesConfig(ProxyConfig):
-    triggers: list[str] = option(["cf", "tq", "mn", "bb", "mb"], "rare-word triggers, one drawn per insertion")
+    triggers: list[str] = option(["cf", "tq", "mn", "bb", "mb"], "rare-word triggers, one drawn per insertion",
+                                   min_items=1)
     target_label: int = option(1, "target label", low=0)
     poison_fraction: float = option(0.5, "share of the proxy rows poisoned (drawn from all rows, relabelled)",
                                     low=0.0, high=1.0, low_open=True)

@@ -5,7 +5,8 @@ temporary directory next to their final place and renamed into place when comple
 an interrupt never leaves anything that looks complete. Concurrent builders of the same key (grid
 workers whose groups share a clean reference model) take turns on a lock file under ``.locks/``, so
 the second finds the first one's artifact instead of training it again; where the file system has
-no locks, both finish and the first rename wins. Dot-named entries are never artifacts.
+no locks, both finish and the first rename wins. Dot-named entries are never artifacts, and
+``defense-scratch/`` holds each defense's own cache and model views (:mod:`nlpbd.scratch`).
 """
 
 from __future__ import annotations

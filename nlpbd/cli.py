@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,10 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from nlpbd import __version__
 from nlpbd.errors import InputError, NlpbdError
-from nlpbd.quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="nlpbd: compare textual backdoor defenses under identical conditions.")
@@ -66,7 +67,7 @@ class RichReporter:
                    TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=True) as progress:
             task_id = progress.add_task(description, total=total)
-            yield lambda n=1: progress.advance(task_id, n)
+            yield lambda n=1, **_: progress.advance(task_id, n)
 
 
 def configure_logging(quiet: bool, verbose: bool) -> None:
@@ -75,6 +76,12 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)],
                         force=True)
+
+
+def load_heavy_libraries() -> None:
+    """After the light checks: torch and transformers load here, told to keep quiet."""
+    from nlpbd.quiet import quiet_libraries
+
     quiet_libraries()
 
 
@@ -89,6 +96,10 @@ def cli_errors() -> Iterator[None]:
     except NlpbdError as exc:
         err.print(f"[bold red]run failed:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
+    except OSError as exc:  # a path the checks could not foresee (a cache model folder made read-only, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"[bold red]error:[/] {escape(where + (exc.strerror or str(exc)))}", highlight=False)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted: finished cells and cached artifacts are kept; rerun to continue")
         raise typer.Exit(130) from None
@@ -128,30 +139,67 @@ def run(
     with cli_errors():
         from nlpbd import progress
         from nlpbd.cache import ArtifactCache
-        from nlpbd.config import parse_set_options
+        from nlpbd.checks import check_cell_input, check_device_name
+
+        overrides = check_cell_input(attack, defense, dataset, model, finetune, seed, train_size, test_size, sets)
+        check_device_name(device)
+        cache = ArtifactCache(cache_dir)
+        _check_directories(results_dir, cache)
+        load_heavy_libraries()
         from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 
         spec = CellSpec(attack=attack, defense=defense, dataset=dataset, model=model, finetune=finetune, seed=seed,
-                        train_size=train_size, test_size=test_size, overrides=parse_set_options(sets))
-        env = RunEnv(results_dir=results_dir, cache=ArtifactCache(cache_dir), data_dir=data_dir,
-                     device=_device(device))
-        reporter = progress.NullReporter() if quiet else RichReporter(err)
-        with progress.using(reporter):
+                        train_size=train_size, test_size=test_size, overrides=overrides)
+        env = RunEnv(results_dir=results_dir, cache=cache, data_dir=data_dir, device=_device(device))
+        with progress.using(_reporter(quiet)):
             record = run_cell(spec, env)
         if not quiet:
             out.print(_record_summary(record))
             out.print(f"record: {results_dir / 'records' / (record['cell_id'] + '.json')}", highlight=False)
+        _warn_collapsed(record)
+
+
+def _warn_collapsed(record: dict) -> None:
+    flags = record.get("flags", {})
+    for flag, model in (("collapsed_victim", "victim"), ("collapsed_clean_model", "clean reference model")):
+        if flags.get(flag):
+            err.print(f"[yellow]warning:[/] the {model} collapsed: it predicts one class or scores no better than "
+                      "the majority class, so CAcc and ASR say nothing; `nlpbd table` leaves it out. On imbalanced "
+                      "data see the README (more epochs, a higher train.lr).", highlight=False)
+    if flags.get("empty_asr_set"):
+        err.print("[yellow]warning:[/] the test split has no row outside the target class: ASR is not measured",
+                  highlight=False)
+
+
+def _check_directories(results_dir: Path, cache) -> None:
+    """Before any work: a run whose record or artifacts cannot be written fails now, not after training."""
+    from nlpbd.checks import check_writable_dir
+    from nlpbd.results import RECORDS_SUBDIR
+
+    check_writable_dir(results_dir / RECORDS_SUBDIR, "results directory")
+    check_writable_dir(cache.root, "cache directory")
+
+
+def _reporter(quiet: bool):
+    """Bars on a terminal; plain log lines where output goes to a file, a pipe, CI or a worker's log."""
+    from nlpbd import progress
+
+    if quiet:
+        return progress.NullReporter()
+    if err.is_terminal and sys.stdout.isatty():
+        return RichReporter(err)
+    return progress.LineReporter(err.file)
 
 
 def _device(name: str | None):
     import torch
 
+    from nlpbd.checks import check_device_name
     from nlpbd.training import default_device
 
     if name is None:
         return default_device()
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise InputError(f"--device must be cpu or cuda, got '{name}'")
+    check_device_name(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda requested but no CUDA device is available")
     return torch.device(name)
@@ -196,6 +244,8 @@ def table(
                                      "(threat-model), with only its own defenses as columns"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also aggregate failed records"),
+    include_collapsed: bool = typer.Option(False, "--include-collapsed", help="also average cells whose victim "
+                                           "collapsed to the majority class (flag collapsed_victim)"),
 ) -> None:
     """Render all records of a results directory: rows dataset/model/attack, columns defense × metric.
 
@@ -204,7 +254,10 @@ def table(
     configure_logging(True, False)
     with cli_errors():
         from nlpbd import results
+        from nlpbd.checks import check_output_file
 
+        if output is not None:
+            check_output_file(output)
         frame = results.records_frame(results.load_records(results_dir), context=True)
         if frame.empty:
             raise InputError(f"no records in {results_dir / results.RECORDS_SUBDIR}; run `nlpbd run` first")
@@ -213,22 +266,30 @@ def table(
             return
         names = results.default_metrics(frame) if metrics is None else \
             [results.metric_key(m) for m in metrics.split(",") if m.strip()]
+        collapsed = 0 if include_collapsed else results.collapsed_cells(frame)
+        if collapsed:
+            err.print(f"{collapsed} record(s) with a collapsed victim left out (--include-collapsed keeps them)",
+                      highlight=False)
+        options = {"include_failed": include_failed, "include_collapsed": include_collapsed}
         if group_by is not GroupBy.none:
-            _emit_groups(results, frame, names, fmt, output, include_failed, results_dir)
+            _emit_groups(results, frame, names, fmt, output, options, results_dir)
             return
-        summary = results.summary_table(frame, names, include_failed=include_failed)
+        summary = results.summary_table(frame, names, **options)
         if fmt is TableFormat.rich and output is None:
-            out.print(results.render_rich(summary, title=f"nlpbd results: {results_dir}"))
+            for part in results.render_rich_fitted(summary, out.width, title=f"nlpbd results: {results_dir}"):
+                out.print(part)
             return
         _emit(results.export_table(summary, "md" if fmt is TableFormat.rich else fmt.value), output)
 
 
-def _emit_groups(results, frame, metrics: list[str], fmt: TableFormat, output: Path | None, include_failed: bool,
+def _emit_groups(results, frame, metrics: list[str], fmt: TableFormat, output: Path | None, options: dict,
                  results_dir: Path) -> None:
-    groups = results.grouped_summaries(frame, metrics, "threat_model", include_failed=include_failed)
+    groups = results.grouped_summaries(frame, metrics, "threat_model", **options)
     if fmt is TableFormat.rich and output is None:
-        for rendered in results.render_rich_groups(groups, title=f"nlpbd results: {results_dir}"):
-            out.print(rendered)
+        for label, summary in groups:
+            title = f"nlpbd results: {results_dir} · {label}"
+            for part in results.render_rich_fitted(summary, out.width, title=title):
+                out.print(part)
         return
     _emit(results.export_groups(groups, "md" if fmt is TableFormat.rich else fmt.value), output)
 
@@ -239,7 +300,10 @@ def _emit(text: str, output: Path | None) -> None:
         return
     from nlpbd.cache import atomic_write_text
 
-    atomic_write_text(output, text)
+    try:
+        atomic_write_text(output, text)
+    except OSError as exc:
+        raise InputError(f"cannot write {output}: {exc.strerror or type(exc).__name__}") from None
     err.print(f"wrote {output}")
 
 
@@ -303,7 +367,7 @@ class GridView:
     def task(self, description: str, total: int | None) -> Iterator:
         task_id = self.steps.add_task(description, total=total)
         try:
-            yield lambda n=1: self.steps.advance(task_id, n)
+            yield lambda n=1, **_: self.steps.advance(task_id, n)
         finally:
             self.steps.remove_task(task_id)
 
@@ -385,7 +449,16 @@ def grid(
     """Run every cell of a grid file, each victim trained once; finished cells are skipped on rerun."""
     configure_logging(quiet, verbose)
     with cli_errors():
-        from nlpbd.grid import load_grid, plan_grid, with_state
+        from nlpbd.cache import ArtifactCache
+        from nlpbd.checks import check_device_name
+
+        check_device_name(device)
+        if not dry_run:
+            _check_directories(results_dir, ArtifactCache(cache_dir))
+        from nlpbd.grid import load_grid, parse_grid, plan_grid, with_state
+
+        parse_grid(file)  # the file's own structure first, with light imports
+        load_heavy_libraries()
 
         spec = load_grid(file, data_dir)
         env = _grid_env(results_dir, cache_dir, data_dir, device)
@@ -428,7 +501,9 @@ def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str]
     with contextlib.ExitStack() as stack:
         if not quiet:
             stack.enter_context(view)
-        reporter = view if in_process and not quiet else progress.NullReporter()
+        reporter = progress.NullReporter()
+        if in_process and not quiet:
+            reporter = view if err.is_terminal else progress.LineReporter(err.file)
         stack.enter_context(progress.using(reporter))
         run_plan(plan, env, executor.value, workers, observer=view, device=device)
 
@@ -441,6 +516,10 @@ def validate(
     """Check a grid file without running anything: keys, names, types and every setting, with line numbers."""
     configure_logging(False, False)  # warnings too: a setting that reaches no cell
     with cli_errors():
+        from nlpbd.grid import parse_grid
+
+        parse_grid(file)  # the file's own structure first, with light imports
+        load_heavy_libraries()
         from nlpbd.cache import ArtifactCache
         from nlpbd.grid import load_grid, plan_grid
         from nlpbd.pipeline import RunEnv
@@ -476,63 +555,79 @@ def plot(
             out.print(f"wrote {path}", highlight=False, markup=False)
 
 
+LIST_KINDS = ("attacks", "defenses", "datasets", "models", "finetune")
+
+
 @app.command(name="ls")
 def list_methods(
-    name: Optional[str] = typer.Argument(None, help="an attack or defense name: list its settings"),
+    name: Optional[str] = typer.Argument(None, help="attacks, defenses, datasets, models or finetune: that list; "
+                                         "an attack or defense name: its settings"),
 ) -> None:
-    """List attacks, defenses, datasets and models, or the settings of one attack or defense."""
+    """List attacks, defenses, datasets, models and fine-tuning methods, or the settings of one method."""
     configure_logging(True, False)
     with cli_errors():
-        if name:
+        if name and name not in LIST_KINDS:
             out.print(_settings_table(name))
             return
-        for title, rows in _catalogue():
-            table = Table(title=title, show_header=False, title_justify="left")
-            table.add_column("name", style="bold")
-            table.add_column("description")
-            for row in rows:
-                table.add_row(*row)
-            out.print(table)
+        for title, columns, rows in _catalogue():
+            if name in (None, title):
+                out.print(_listing(title, columns, rows))
 
 
-def _catalogue() -> list[tuple[str, list[tuple[str, str]]]]:
+def _listing(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    table = Table(title=title, show_header=len(columns) > 2, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, style="bold" if i == 0 else None, no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))  # plain text: "[data poisoning]" is not markup
+    return table
+
+
+def _catalogue() -> list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]]:
+    """Everything ``nlpbd ls`` lists, read with light imports (no torch)."""
+    from nlpbd import catalogue
     from nlpbd.data import DATASETS
-    from nlpbd.methods import ATTACKS, DEFENSES
+    from nlpbd.finetune import FINETUNE
     from nlpbd.models import MODELS
 
+    def methods(kind: str) -> list[tuple[str, ...]]:
+        return [(n, f"[{m.label}] {m.description}") for n, m in catalogue.methods(kind).items()]
+
+    def lr(method) -> str:
+        return "per model" if method.defaults is None else f"{method.defaults.lr:g}"
+
     return [
-        ("attacks", [(n, f"[{c.threat_model.value}] {c.description}") for n, c in ATTACKS.items()]),
-        ("defenses", [(n, f"[{c.stage.value}] {c.description}") for n, c in DEFENSES.items()]),
-        ("datasets", [(n, s.description) for n, s in DATASETS.items()]),
-        ("models", [(n, s.description) for n, s in MODELS.items()]),
+        ("attacks", ("name", "description"), methods("attack")),
+        ("defenses", ("name", "description"), methods("defense")),
+        ("datasets", ("name", "description"), [(n, s.description) for n, s in DATASETS.items()]),
+        ("models", ("name", "train.lr", "train.epochs", "description"),
+         [(n, f"{s.defaults.lr:g}", str(s.defaults.epochs), s.description) for n, s in MODELS.items()]
+         + [("HF id or folder", "2e-05", "3", "any hub id (needs the hub) or a local model folder")]),
+        ("finetune", ("name", "train.lr", "train.epochs", "description"),
+         [(n, lr(m), "per model" if m.defaults is None else str(m.defaults.epochs), m.description)
+          for n, m in FINETUNE.items()]),
     ]
 
 
 def _settings_table(name: str) -> Table:
-    import typing
-
-    from nlpbd.methods import ATTACKS, DEFENSES
+    from nlpbd import catalogue
     from nlpbd.registry import unknown_name_message
 
-    if name in ATTACKS:
-        cls, section = ATTACKS.get(name), "attack"
-    elif name in DEFENSES:
-        cls, section = DEFENSES.get(name), "defense"
-    else:
-        raise InputError(unknown_name_message("attack or defense", name, ATTACKS.names() + DEFENSES.names()))
-    table = Table(title=f"{name}: {cls.description}  (set with --set {section}.NAME=VALUE)", title_justify="left")
+    attacks, defenses = catalogue.methods("attack"), catalogue.methods("defense")
+    found = attacks.get(name) or defenses.get(name)
+    if found is None:
+        raise InputError(unknown_name_message("attack or defense", name, [*attacks, *defenses, *LIST_KINDS]))
+    table = Table(title=Text(f"{name}: {found.description}  (set with --set {found.kind}.NAME=VALUE)"),
+                  title_justify="left")
     table.add_column("setting", no_wrap=True, style="bold")
     for column in ("type", "default", "help"):
         table.add_column(column)
-    hints = typing.get_type_hints(cls.Config)
-    for f in dataclasses.fields(cls.Config):
+    hints = typing.get_type_hints(found.Config)
+    for f in dataclasses.fields(found.Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        table.add_row(f"{section}.{f.name}", _type_name(hints[f.name]), str(default), f.metadata.get("help", ""))
+        table.add_row(*(Text(cell) for cell in (f"{found.kind}.{f.name}", catalogue.type_text(hints[f.name]),
+                                                str(default), f.metadata.get("help", ""))))
     return table
-
-
-def _type_name(tp: object) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def main() -> None:

@@ -24,12 +24,14 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False) -> Any:
+           low_open: bool = False, min_items: int | None = None, max_items: int | None = None) -> Any:
     """A dataclass field with help text and an optional numeric range ``[low, high]``.
 
-    ``low_open`` makes the lower bound exclusive (e.g. a poison rate must be > 0).
+    ``low_open`` makes the lower bound exclusive (e.g. a poison rate must be > 0); ``min_items`` and
+    ``max_items`` bound the length of a list setting (an attack needs at least one trigger).
     """
-    metadata = {"help": help, "low": low, "high": high, "low_open": low_open}
+    metadata = {"help": help, "low": low, "high": high, "low_open": low_open, "min_items": min_items,
+                "max_items": max_items}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -94,9 +96,13 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
             value = _float_or_none(value.strip())
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{key}: expected a number, got '{original}'")
+        if not math.isfinite(value):  # .nan passes every range check; .inf trains to non-finite weights
+            raise InputError(f"{key}: expected a finite number, got '{original}'")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)):
+            raise InputError(f"{key}: expected a string, got '{value}'")
+        if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{key}: expected a string, got '{value}'")
         return str(value)
     raise TypeError(f"unsupported config type {tp!r} for {key}")
@@ -104,10 +110,9 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
 
 def _float_or_none(text: str) -> float | None:
     try:
-        number = float(text)
+        return float(text)
     except ValueError:
         return None
-    return number if math.isfinite(number) else None
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -124,13 +129,27 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                      for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             value = [value]
-        return [coerce(v, item_tp, key) for v in value]
+        items = [coerce(v, item_tp, key) for v in value]
+        if item_tp is str and any(not item.strip() for item in items):
+            raise InputError(f"{key}: list items must be non-empty strings, got {value!r}")
+        return items
     if inner is str and not isinstance(value, str):
         value = str(value)
     return _coerce_scalar(value, inner, key)
 
 
+def _check_length(f: dataclasses.Field, value: Any, key: str) -> None:
+    fewest, most = f.metadata.get("min_items"), f.metadata.get("max_items")
+    if not isinstance(value, list):
+        return
+    if fewest is not None and len(value) < fewest:
+        raise InputError(f"{key}: needs at least {fewest} item{'s' if fewest > 1 else ''}, got {len(value)}")
+    if most is not None and len(value) > most:
+        raise InputError(f"{key}: takes at most {most} items, got {len(value)}")
+
+
 def _check_range(f: dataclasses.Field, value: Any, key: str) -> None:
+    _check_length(f, value, key)
     low, high = f.metadata.get("low"), f.metadata.get("high")
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return
@@ -252,6 +271,11 @@ STAGE_SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "data": DataConfig,
 }
+
+
+def sections_for(attack: str, defense: str) -> dict[str, list[str]]:
+    """The sections of a cell's settings; the attack's and the defense's names are aliases of theirs."""
+    return {"attack": [attack], "defense": [defense], **{name: [] for name in STAGE_SECTIONS}}
 
 
 def split_overrides(overrides: dict[str, str], sections: dict[str, list[str]]) -> dict[str, dict[str, str]]:

@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas loads when a file is read, not when a name is checked
+    import pandas as pd
 
 from nlpbd.config import DataConfig
 from nlpbd.errors import InputError
@@ -157,6 +159,8 @@ def _subsample(dataset: Dataset, split: Literal["train", "test"], n: int | None)
 
 def read_frame(path: Path) -> pd.DataFrame:
     """Read a TSV / CSV / JSONL file as strings, exactly as written (no NA conversion)."""
+    import pandas as pd
+
     if not path.is_file():
         raise InputError(f"missing file {path}")
     try:
@@ -174,6 +178,8 @@ def read_frame(path: Path) -> pd.DataFrame:
 
 def read_jsonl(path: Path) -> pd.DataFrame:
     """One JSON object per line, parsed by hand so that errors name the line and ``null`` stays None."""
+    import pandas as pd
+
     lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -384,30 +390,69 @@ def load_folder(folder: Path, config: DataConfig) -> Dataset:
     num_labels = _infer_num_labels(splits["train"], paths["train"])
     for s, split in splits.items():
         check_labels(split, num_labels, paths[s])
+    _check_test_classes(splits["train"], splits["test"], paths["train"], paths["test"])
     recipe: dict = {"files": file_digest([p for p in paths.values() if p]),
                     "columns": [config.text_column, config.label_column]}
     if "dev" not in splits:
         n_dev = max(num_labels, int(round(config.dev_fraction * len(splits["train"]))))
+        _check_rows_per_class(splits["train"], num_labels, paths["train"], n_dev)
         splits["train"], splits["dev"] = carve(splits["train"], n_dev, folder.name)
         recipe["dev_fraction"] = config.dev_fraction
+    _check_rows_per_class(splits["train"], num_labels, paths["train"])
     if not 0 <= config.target_label < num_labels:
         raise InputError(f"data.target_label {config.target_label} is out of range 0..{num_labels - 1}")
     return Dataset(folder.name, num_labels, splits["train"], splits["dev"], splits["test"],
                    config.target_label, source=f"local:{folder}", root=folder, recipe=recipe)
 
 
+def listing(values: Sequence[object], limit: int = 10) -> str:
+    """``1, 2, 3`` or ``1, 2, ... (1,000 in all)``: error messages stay one short line."""
+    shown = ", ".join(str(v) for v in list(values)[:limit])
+    return shown if len(values) <= limit else f"{shown}, ... ({len(values):,} in all)"
+
+
 def _infer_num_labels(train: TextSplit, path: Path | None) -> int:
     present = sorted(set(train.labels))
-    if present[0] < 0:
-        row = train.labels.index(present[0])
-        raise InputError(f"{path} line {line_number(path, row)}: label {present[0]} is out of range "
-                         "(labels must be 0..K-1)")
+    for bad in (present[0], present[-1]):
+        # Every class needs a row, so a label >= the row count is a typo; checking it first keeps
+        # the missing-class listing below small whatever the file says.
+        if not 0 <= bad < len(train):
+            row = train.labels.index(bad)
+            raise InputError(f"{path} line {line_number(path, row)}: label {bad} is out of range "
+                             f"(labels must be 0..K-1 with every class present, and there are {len(train)} rows)")
     missing = sorted(set(range(present[-1] + 1)) - set(present))
     if missing:
-        raise InputError(f"{path}: labels must be 0..K-1 with every class present; missing {missing}")
+        raise InputError(f"{path}: labels must be 0..K-1 with every class present; missing {listing(missing)}")
     if len(present) < 2:
         raise InputError(f"{path}: need at least two classes, found only label {present[0]}")
     return present[-1] + 1
+
+
+MIN_TRAIN_ROWS_PER_CLASS = 2
+
+
+def _check_rows_per_class(train: TextSplit, num_labels: int, path: Path | None, carved: int = 0) -> None:
+    """Enough rows of every class to train on (after a dev carve-out of ``carved`` rows, stratified)."""
+    counts = np.bincount(np.asarray(train.labels, dtype=int), minlength=num_labels)
+    after = counts - np.asarray(list(stratified_counts(dict(enumerate(counts.tolist())), carved).values())) \
+        if carved else counts
+    short = [c for c in range(num_labels) if after[c] < MIN_TRAIN_ROWS_PER_CLASS]
+    if short:
+        where = f" after the {carved}-row dev carve-out" if carved else ""
+        raise InputError(f"{path}: too few training rows: class {short[0]} keeps {int(after[short[0]])}{where}; "
+                         f"each class needs at least {MIN_TRAIN_ROWS_PER_CLASS} (add rows or a dev file)")
+
+
+def _check_test_classes(train: TextSplit, test: TextSplit, train_path: Path | None, test_path: Path | None) -> None:
+    """A class only the training file has is almost always a stray label (a 2 in a binary task): refused,
+    since it would silently make the task one class larger."""
+    only_train = sorted(set(train.labels) - set(test.labels))
+    if only_train:
+        label = only_train[0]
+        rows = [i for i, y in enumerate(train.labels) if y == label]
+        raise InputError(f"{train_path} line {line_number(train_path, rows[0])}: label {label} ({len(rows)} "
+                         f"row{'s' if len(rows) > 1 else ''}) never occurs in {test_path}; a class must be in both "
+                         "(a stray label would add a class to the task)")
 
 
 def load_dataset(name_or_path: str, data_dir: str | Path | None = None,

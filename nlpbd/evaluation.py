@@ -72,9 +72,29 @@ def attack_metrics(preds: Predictions, test: TextSplit, asr_set: TextSplit,
     if clean_flags is not None:
         clean_ok = clean_ok & ~clean_flags
         hits = hits & ~poison_flags
+    predicted = np.where(clean_flags, -1, preds.clean) if clean_flags is not None else preds.clean
     return {"cacc": rate(clean_ok.sum(), len(test)), "asr": rate(hits.sum(), len(asr_set)),
             "n_clean": len(test), "clean_correct": int(clean_ok.sum()),
-            "n_poison": len(asr_set), "poison_hits": int(hits.sum())}
+            "n_poison": len(asr_set), "poison_hits": int(hits.sum()), **class_balance(predicted, test)}
+
+
+def class_balance(predicted: np.ndarray, test: TextSplit) -> dict:
+    """What CAcc hides on an imbalanced test set: balanced accuracy (mean per-class recall), macro-F1, the
+    majority class's share (what always answering it scores) and how many classes the model predicts.
+    A rejected input is predicted -1: wrong for every class."""
+    labels = np.asarray(test.labels)
+    if not len(labels):
+        return {}
+    classes = np.unique(labels)
+    recalls, f1s = [], []
+    for c in classes:
+        tp = int(((predicted == c) & (labels == c)).sum())
+        recall, precision = tp / int((labels == c).sum()), rate(tp, int((predicted == c).sum()))
+        recalls.append(recall)
+        f1s.append(2 * precision * recall / (precision + recall) if precision and recall else 0.0)
+    return {"balanced_accuracy": float(np.mean(recalls)), "macro_f1": float(np.mean(f1s)),
+            "majority_rate": float(np.bincount(labels).max() / len(labels)),
+            "predicted_classes": int(len(np.unique(predicted[predicted >= 0])))}
 
 
 def task_agnostic_metrics(triggered: dict[str, np.ndarray], test: TextSplit, num_labels: int) -> dict:

@@ -181,7 +181,7 @@ class CoreShare:
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         yield self._advance
 
-    def _advance(self, n: int = 1) -> None:
+    def _advance(self, n: int = 1, **_: object) -> None:
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + self.every

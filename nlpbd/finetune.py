@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-from peft import (LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-                  get_peft_model)
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING, Any, Callable
 
 from nlpbd.errors import InputError
 from nlpbd.models import TrainDefaults, load_classifier
 from nlpbd.registry import Registry
+
+if TYPE_CHECKING:  # peft (and torch) load only when a victim is wrapped or loaded, not to check a name
+    from peft import PeftConfig
+    from transformers import PreTrainedModel
 
 PEFT_DEFAULTS = TrainDefaults(lr=2e-3, epochs=20)
 
@@ -39,19 +39,26 @@ class FinetuneMethod:
 
 FINETUNE: Registry[FinetuneMethod] = Registry("fine-tuning method")
 
+
+def _peft(config_class: str, **settings: Any) -> Callable[[], PeftConfig]:
+    def build() -> PeftConfig:
+        import peft
+
+        return getattr(peft, config_class)(task_type="SEQ_CLS", **settings)
+
+    return build
+
+
 for _method in [
     FinetuneMethod("full", "full fine-tuning of every parameter (shared victim recipe)"),
     FinetuneMethod("lora", "LoRA r=8, alpha=16, dropout 0.1 on query/value; head trainable",
-                   lambda: LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1),
-                   PEFT_DEFAULTS, mergeable=True),
+                   _peft("LoraConfig", r=8, lora_alpha=16, lora_dropout=0.1), PEFT_DEFAULTS, mergeable=True),
     FinetuneMethod("prompt", "prompt tuning: 5 trainable virtual token embeddings; head trainable",
-                   lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5), PEFT_DEFAULTS),
+                   _peft("PromptTuningConfig", num_virtual_tokens=5), PEFT_DEFAULTS),
     FinetuneMethod("ptuning", "P-tuning: 5 virtual tokens from an MLP prompt encoder (hidden 128); head trainable",
-                   lambda: PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=5, encoder_hidden_size=128),
-                   PEFT_DEFAULTS),
+                   _peft("PromptEncoderConfig", num_virtual_tokens=5, encoder_hidden_size=128), PEFT_DEFAULTS),
     FinetuneMethod("prefix", "prefix tuning: 5 virtual key/value tokens per layer; head trainable",
-                   lambda: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5, encoder_hidden_size=128),
-                   PEFT_DEFAULTS),
+                   _peft("PrefixTuningConfig", num_virtual_tokens=5, encoder_hidden_size=128), PEFT_DEFAULTS),
 ]:
     FINETUNE.add(_method.name, _method)
 
@@ -60,6 +67,8 @@ def wrap(model: PreTrainedModel, method: FinetuneMethod) -> PreTrainedModel:
     """The model prepared for training with ``method`` (unchanged for full fine-tuning)."""
     if not method.is_peft:
         return model
+    from peft import get_peft_model
+
     return get_peft_model(model, method.peft_config())
 
 
@@ -67,6 +76,8 @@ def load_trained(directory: Path, base_location: str, num_labels: int, method: F
     """A trained victim: a full checkpoint, or the base model plus its saved adapter."""
     if not method.is_peft:
         return load_classifier(str(directory), num_labels)
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(load_classifier(base_location, num_labels), str(directory))
 
 
@@ -76,6 +87,8 @@ def plain_model(model: PreTrainedModel, defense: str) -> tuple[PreTrainedModel, 
     LoRA is merged into the weights; prompt-type adapters cannot be merged, so weight defenses refuse
     them with the reason.
     """
+    from peft import PeftModel
+
     if not isinstance(model, PeftModel):
         return model, {}
     peft_type = str(model.peft_config["default"].peft_type.value).lower()

@@ -113,14 +113,28 @@ def _index_nodes(node: yaml.Node, where: Where, lines: SourceLines) -> None:
             _index_nodes(item, where + (i,), lines)
 
 
+def _refuse_aliases(text: str, path: Path) -> None:
+    """Grid files have no use for anchors and aliases, and nested aliases expand exponentially (a
+    "billion laughs" file would take all memory), so the event stream is checked before any node is built."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise InputError(f"{path} line {event.start_mark.line + 1}: YAML anchors and aliases (&, *) are not "
+                             "allowed in grid files; write each value out")
+
+
 def read_yaml(path: Path) -> tuple[Any, SourceLines]:
     """The document and the line of each of its parts; YAML syntax errors name their line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"grid file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     lines = SourceLines(path)
     try:
+        _refuse_aliases(text, path)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -472,7 +486,7 @@ def _check_names(grid: Grid) -> None:
     from nlpbd.data import DATASETS
     from nlpbd.methods import ATTACKS, DEFENSES
     from nlpbd.finetune import FINETUNE
-    from nlpbd.models import resolve_model
+    from nlpbd.models import MODELS, check_hub_model, resolve_model
 
     lines = grid.lines
     for i, dataset in enumerate(grid.datasets):
@@ -483,7 +497,8 @@ def _check_names(grid: Grid) -> None:
             raise lines.error(("datasets", i), f"dataset folder {path} does not exist")
     for i, model in enumerate(grid.models):
         try:
-            resolve_model(model)
+            if resolve_model(model).identity.startswith("hub:") and model not in MODELS:
+                check_hub_model(model)
         except InputError as exc:
             raise lines.error(("models", i), str(exc)) from None
     for i, finetune in enumerate(grid.finetune):
@@ -834,8 +849,11 @@ def _datasets_loaded_once() -> Iterator[None]:
 def plan_grid(grid: Grid, env, retry_failed: bool = False) -> Plan:
     """Every cell prepared (ids, keys), its state read from the results directory, grouped by victim."""
     planned, groups, fingerprints, suspects = [], {}, {}, {}
+    cells = expand(grid)
+    if not cells:
+        log.warning("%s: the excludes remove every cell; the grid has nothing to run", grid.source)
     with _datasets_loaded_once():
-        for grid_cell in expand(grid):
+        for grid_cell in cells:
             cell = prepare(grid_cell, env, grid)
             if id(cell.dataset) not in fingerprints:  # a hash over every row: once per dataset
                 fingerprints[id(cell.dataset)] = cell.dataset.fingerprint

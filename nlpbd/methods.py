@@ -2,13 +2,16 @@
 
 Attacks and defenses declare where in a model's life they act (DESIGN.md "A cell, stage by
 stage"). A defense receives a :class:`DefenseContext` holding only what its threat model grants
-(protocol.md §4): the object simply has no trigger, target or poisoned-row ids in it, and asking for
-something the defense did not declare in ``grants`` raises.
+(protocol.md §4): the object simply has no trigger, target or poisoned-row ids in it, asking for
+something the defense did not declare in ``grants`` raises, and the only place on disk it points to is
+the defense's own scratch area, where granted models are weights-only views (:mod:`nlpbd.scratch`).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,11 @@ from nlpbd.cache import ArtifactCache
 from nlpbd.config import TrainConfig, to_dict
 from nlpbd.data import Dataset, TextSplit
 from nlpbd.models import ModelRef
+from nlpbd.errors import InputError
 from nlpbd.registry import Registry
+
+
+log = logging.getLogger(__name__)
 
 
 class ThreatModel(str, enum.Enum):
@@ -110,6 +117,30 @@ class DataPoisoningAttack(Attack):
     def poison(self, dataset: Dataset, seed: int) -> PoisonedData:
         """The poisoned training set (same size and order as ``dataset.train``) and the ASR set."""
 
+    def check(self, dataset: Dataset) -> None:
+        """Refuse, before any work, a target outside the label space or a training set of which
+        ``floor(poison_rate · N)`` is no row at all (a run would train a clean model and report it)."""
+        config = self.config
+        rate, target = getattr(config, "poison_rate", None), getattr(config, "target_label", None)
+        target = dataset.default_target if target is None else target
+        if not 0 <= target < dataset.num_labels:
+            raise InputError(f"attack.target_label {target} is out of range 0..{dataset.num_labels - 1}")
+        if rate is None:
+            return
+        n = len(dataset.train)
+        mode = getattr(config, "label_mode", "dirty")
+        eligible = sum(1 for y in dataset.train.labels if (y != target) == (mode == "dirty") or mode == "mix")
+        wanted = math.floor(rate * n + 1e-9)
+        if wanted < 1 or eligible < 1:
+            raise InputError(f"{self.name}: poison_rate {rate} of {n} training rows ({eligible} eligible for "
+                             f"{mode}-label poisoning) poisons no row; use more rows or a higher attack.poison_rate")
+        if mode == "dirty" and wanted > eligible / 2:
+            # Imbalanced data with the majority class as target: the rate counts against all N rows, so
+            # relabelling takes most of the minority rows and the victim learns to answer the majority.
+            log.warning("%s: %d poisoned rows relabel %.0f%% of the %d non-target training rows; the victim may "
+                        "collapse to the target class (lower attack.poison_rate, or target a minority class)",
+                        self.name, min(wanted, eligible), 100 * min(wanted, eligible) / eligible, eligible)
+
 
 @dataclass(frozen=True)
 class SupplyContext:
@@ -183,7 +214,9 @@ class DefenseContext:
     device: torch.device
     granted: frozenset[str]
     _objects: dict[str, Any] = field(default_factory=dict, repr=False)
-    cache: ArtifactCache | None = None  # the run's artifact cache, for intermediate builds (grafts, PSIMs)
+    # The defense's own scratch cache (grafts, PSIMs), never the run's cache root: artifacts there record
+    # the attack's settings in their metadata (nlpbd.scratch).
+    cache: ArtifactCache | None = None
 
     def get(self, name: str) -> Any:
         if name not in GRANTABLE:

@@ -1,23 +1,28 @@
 """Models: registered names, any HF hub id or local path, and a tiny random BERT for tests.
 
-Weights load and save as safetensors; ``trust_remote_code`` stays off. A :class:`ModelRef` is what
-the pipeline passes around: a directory or hub id plus a content identity for cache keys.
+Weights save as safetensors and load from safetensors or, for older checkpoints, from ``.bin`` files
+with torch's weights-only unpickler (no code in a pickle ever runs); ``trust_remote_code`` stays off.
+A local model folder is checked before any work starts: a readable config that asks for no custom code,
+weights present, safetensors headers intact, ``.bin`` files that the weights-only loader accepts. A
+:class:`ModelRef` is what the pipeline passes around: a directory or hub id plus a content identity
+for cache keys.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          BertModel, BertTokenizerFast, PreTrainedModel, PreTrainedTokenizerBase)
+from typing import TYPE_CHECKING, Callable
 
 from nlpbd.errors import InputError
 from nlpbd.registry import Registry
+
+if TYPE_CHECKING:  # torch and transformers load only where a model is built or loaded: names check in ~1 s
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class ModelSpec:
     name: str
     description: str
     resolve: Callable[[], ModelRef]
+    defaults: TrainDefaults = BASE_DEFAULTS  # the victim recipe's lr and epochs (``nlpbd ls models``)
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -139,6 +145,9 @@ TINY_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, i
 
 def build_tiny_bert(directory: Path, seed: int = 0) -> Path:
     """Write a randomly initialised BERT (with pooler) and its WordPiece tokenizer to ``directory``."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
     directory.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -164,34 +173,131 @@ def _tiny_bert() -> ModelRef:
 
 for _spec in [
     ModelSpec("minilm", "all-MiniLM-L6-v2 (6 layers, hidden 384) from the PyPI package; offline default",
-              _minilm),
+              _minilm, SMALL_DEFAULTS),
     ModelSpec("bert-base-uncased", "BERT-base uncased from the HF hub: the papers' model (GPU advised)",
               _hub("bert-base-uncased", BASE_DEFAULTS)),
     ModelSpec("roberta-base", "RoBERTa-base from the HF hub (GPU advised)", _hub("roberta-base", BASE_DEFAULTS)),
     ModelSpec("tiny-bert", "tiny random BERT (2 layers, hidden 32) with a built-in vocabulary, for tests",
-              _tiny_bert),
+              _tiny_bert, TINY_DEFAULTS),
 ]:
     MODELS.add(_spec.name, _spec)
 
 
 def resolve_model(name_or_path: str) -> ModelRef:
-    """A registered model name, a local model directory, or a hub id."""
+    """A registered model name, a local model directory, or a hub id (``org/name`` or a bare word)."""
     if name_or_path in MODELS:
         return MODELS.get(name_or_path).resolve()
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise InputError(f"{path}: not a model directory (no config.json)")
+    path = check_model_location(name_or_path)
+    if path is not None:
         return local_ref(path.name, path.resolve(), source="local path")
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
-        raise InputError(f"model path {path} is not a directory")
-    if "/" not in name_or_path:
-        # Bare words that are not registered are almost always typos of a registered name.
-        MODELS.get(name_or_path)
     return _hub(name_or_path, BASE_DEFAULTS)()
 
 
+def check_model_location(name_or_path: str) -> Path | None:
+    """The model folder ``name_or_path`` names (checked), or None for a registered name or a hub id."""
+    if name_or_path in MODELS:
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        check_model_folder(path)
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise InputError(f"model path {path} is not a directory")
+    return None
+
+
+# --- checking a model folder without loading it --------------------------------------------------
+
+MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own limit
+
+
+def _json_object(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def check_model_folder(path: Path) -> None:
+    """A model folder that loads without running its own code: bad input fails here, before any work."""
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a model directory (no config.json)")
+    config = _json_object(path / "config.json", "config.json")
+    if "auto_map" in config:
+        raise InputError(f"{path}: config.json asks for the model's own code (auto_map); nlpbd never runs "
+                         "remote or local model code (trust_remote_code stays off)")
+    if not isinstance(config.get("model_type"), str):
+        raise InputError(f"{path}: config.json names no model_type")
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not weights:
+        raise InputError(f"{path}: no model weights (model.safetensors or pytorch_model.bin) found")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
+
+
+def check_safetensors(path: Path) -> None:
+    """The header of a safetensors file parses and its tensors lie inside the file (a truncated or corrupt
+    file fails here with one line, not deep inside the loader)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little") if size >= 8 else -1
+        if not 0 < length <= min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise InputError(f"{path}: not a safetensors file (corrupt or truncated header)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, ValueError):
+            raise InputError(f"{path}: not a safetensors file (unreadable header)") from None
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if not isinstance(header, dict) or 8 + length + max(ends, default=0) > size:
+        raise InputError(f"{path}: corrupt or truncated safetensors file (tensors end past the file)")
+
+
+def check_pickled_weights(path: Path) -> None:
+    """``.bin`` weights open with torch's weights-only unpickler (the loader's own), which refuses code in
+    a pickle: a malicious or corrupt file is bad input, refused before any work."""
+    import torch
+
+    for file in sorted(path.glob("*.bin")):
+        try:  # mmap: a multi-GB checkpoint is checked without reading it into memory
+            torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except Exception as exc:  # UnpicklingError, RuntimeError (corrupt archive), EOFError, ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{file}: refused by the weights-only loader ({reason[:200]})") from None
+
+
+def check_hub_model(model_id: str) -> None:
+    """A hub id is usable when its files are in the local HF cache or the hub answers for it; otherwise one
+    line saying why (offline, or no such model, with the registered name it may be a typo of)."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from nlpbd.registry import closest
+
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return
+    hint = closest(model_id, MODELS.names())
+    extra = f" Did you mean the registered model '{hint}'?" if hint else ""
+    listing = f" Registered models: {', '.join(MODELS.names())}."
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"model '{model_id}' is not registered and not a local folder; as a hub id it needs the "
+                         f"HF hub, and HF_HUB_OFFLINE is set.{extra}{listing}")
+    try:
+        model_info(model_id, timeout=10)
+    except RepositoryNotFoundError:
+        raise InputError(f"model '{model_id}': no such model on the HF hub (or it is private).{extra}{listing}") \
+            from None
+    except Exception as exc:  # network errors of whichever HTTP client the hub library uses
+        raise InputError(f"model '{model_id}' is not registered and not a local folder; as a hub id it needs the "
+                         f"HF hub, which is not reachable ({type(exc).__name__}).{extra}{listing}") from None
+
+
 def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(ref.location, trust_remote_code=False)
     except OSError as exc:
@@ -200,6 +306,8 @@ def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
 
 def load_classifier(ref: ModelRef | str, num_labels: int) -> PreTrainedModel:
     """A sequence classifier; a new head is initialised where the checkpoint has none."""
+    from transformers import AutoModelForSequenceClassification
+
     location = ref.location if isinstance(ref, ModelRef) else ref
     try:
         return AutoModelForSequenceClassification.from_pretrained(
@@ -210,6 +318,8 @@ def load_classifier(ref: ModelRef | str, num_labels: int) -> PreTrainedModel:
 
 def head_parameter_names(ref: ModelRef, num_labels: int) -> set[str]:
     """Parameters with no pretrained value (the new head), from the loader's missing keys."""
+    from transformers import AutoModelForSequenceClassification
+
     _, info = AutoModelForSequenceClassification.from_pretrained(
         ref.location, num_labels=num_labels, output_loading_info=True, trust_remote_code=False)
     return set(info["missing_keys"])

@@ -13,9 +13,10 @@ import logging
 import math
 from collections import Counter
 import re
+import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from transformers import PreTrainedModel
 
 from nlpbd.cache import Artifact, ArtifactCache, content_key
 from nlpbd.config import (BudgetConfig, DataConfig, EvalConfig, TrainConfig, apply_overrides, check_fields,
-                          parse_set_options, split_overrides, to_dict)
+                          parse_set_options, sections_for, split_overrides, to_dict)
 from nlpbd.data import (Dataset, TextSplit, load_dataset, read_split, resolve_data_dir, stratified_counts,
                         stratified_sample)
 from nlpbd.errors import InputError, NlpbdError, RunError
@@ -33,9 +34,12 @@ from nlpbd.evaluation import Predictions, cell_metrics, evaluate_with_detector, 
 from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, DataPoisoningAttack, Defense, DefenseContext,
                            InferenceDefense, ModelSupplyAttack, PoisonedData, PretrainedDefense, RepairDefense,
                            SupplyContext, TrainingDefense)
-from nlpbd.models import ModelRef, load_classifier, load_tokenizer, resolve_model, save_model
+from nlpbd.checks import check_sizes
+from nlpbd.models import (ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model,
+                          save_model)
 from nlpbd.provenance import StageClock, provenance
 from nlpbd.results import SCHEMA, write_record
+from nlpbd.scratch import DefenseScratch
 from nlpbd.seeding import numpy_rng, seed_everything
 from nlpbd.training import TrainSetup, default_device, resolve_train_config, train_classifier
 
@@ -102,20 +106,11 @@ class Cell:
         return f"{slug}__{content_key(self.identity)[:8]}"
 
 
-def sections_for(attack: str, defense: str) -> dict[str, list[str]]:
-    return {"attack": [attack], "defense": [defense], "train": [], "budget": [], "eval": [], "data": []}
-
-
 def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
     """Resolve names and settings; raises InputError before any expensive work."""
     attack_cls, defense_cls = ATTACKS.get(spec.attack), DEFENSES.get(spec.defense)
     finetune = FINETUNE.get(spec.finetune)
-    if spec.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {spec.seed}")
-    if spec.train_size is not None and spec.train_size <= 0:
-        raise InputError(f"--train-size must be positive, got {spec.train_size}")
-    if spec.test_size is not None and spec.test_size <= 0:
-        raise InputError(f"--test-size must be positive, got {spec.test_size}")
+    check_sizes(spec.seed, spec.train_size, spec.test_size)
     if finetune.is_peft and not finetune.mergeable and defense_cls.name != "none" and \
             issubclass(defense_cls, (RepairDefense, TrainingDefense)):
         raise InputError(f"defense '{spec.defense}' edits the victim's weights and cannot run on a {finetune.name} "
@@ -131,6 +126,10 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
                                  finetune.defaults or model.defaults)
     check_fields(train, "train")
     dataset = load_dataset(spec.dataset, env.data_dir, data_config, spec.train_size, spec.test_size)
+    if isinstance(attack, DataPoisoningAttack):
+        attack.check(dataset)
+    if not model.identity.startswith(("hub:", "artifact:")):
+        check_pickled_weights(Path(model.location))
     return Cell(spec, dataset, model, finetune, attack, defense, train,
                 apply_overrides(BudgetConfig(), grouped["budget"], "budget"),
                 apply_overrides(EvalConfig(), grouped["eval"], "eval"))
@@ -249,11 +248,6 @@ def load_victim(artifact: Artifact, num_labels: int) -> PreTrainedModel:
     return load_trained(artifact.path, artifact.meta.get("base", ""), num_labels, method)
 
 
-def load_plain_victim(artifact: Artifact, num_labels: int, defense: str) -> tuple[PreTrainedModel, dict]:
-    """The victim as a plain model for weight-editing defenses (LoRA merged; prompt types refused)."""
-    return plain_model(load_victim(artifact, num_labels), defense)
-
-
 # --- the cell -------------------------------------------------------------------------------------
 
 
@@ -279,18 +273,31 @@ def run_cell(spec: CellSpec, env: RunEnv) -> dict:
     try:
         record = _execute(cell, env, state)
     except NlpbdError as exc:
-        write_record(env.results_dir, _record(cell, env, state, status="failed", error=str(exc)))
+        _write(env.results_dir, _record(cell, env, state, status="failed", error=str(exc)))
         raise
     except Exception as exc:  # a crash inside a method: record it with its type, keep the traceback in the log
         log.debug("cell failed:\n%s", traceback.format_exc())
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        write_record(env.results_dir, _record(cell, env, state, status="failed", error=message))
+        _write(env.results_dir, _record(cell, env, state, status="failed", error=message))
         raise RunError(message) from exc
-    write_record(env.results_dir, record)
+    _write(env.results_dir, record)
     return record
 
 
+def _write(results_dir: Path, record: dict) -> None:
+    """Write a record; a results directory that went away or filled up during the run is one line, and the
+    trained models stay cached, so a rerun with a writable directory writes the record in seconds."""
+    try:
+        write_record(results_dir, record)
+    except OSError as exc:
+        raise RunError(f"cannot write the record to {results_dir}: {exc.strerror or type(exc).__name__}; the "
+                       "trained models are cached, so a rerun with a writable --results-dir takes seconds") from None
+
+
 DELTA_METRICS = ("cacc", "asr", "aasr", "masr")
+COLLAPSE_METRICS = ("balanced_accuracy", "macro_f1", "predicted_classes")
+# A model no better than always answering the majority class (within this margin) has collapsed.
+COLLAPSE_MARGIN = 1e-9
 
 
 def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
@@ -304,6 +311,9 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
         state.poisoned, artifact = poison_stage(cell, env.cache)
         stage.cached(artifact)
         state.poison_key = artifact.meta["key"]
+    if not len(state.poisoned.asr_set) and not state.poisoned.trigger_sets:
+        log.warning("the test split has no row outside the target class: ASR cannot be measured (flag "
+                    "empty_asr_set in the record)")
     state.budget = draw_budget(cell.dataset.train, cell.dataset.dev, state.poisoned.poisoned_positions,
                                cell.spec.seed, cell.budget)
     with state.clock.stage("victim") as stage:
@@ -315,6 +325,9 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
     victim_metrics = _score(cell, state, victim_preds)
     metrics = _defend(cell, env, state, tokenizer, victim_preds)
     metrics["dropped"] = state.poisoned.dropped
+    for name in COLLAPSE_METRICS:
+        if victim_metrics.get(name) is not None:
+            metrics[f"victim_{name}"] = victim_metrics[name]
     for name in DELTA_METRICS:
         if victim_metrics.get(name) is not None:
             metrics[f"victim_{name}"] = victim_metrics[name]
@@ -351,16 +364,44 @@ def _artifact_predictions(cell: Cell, env: RunEnv, state: CellState, artifact: A
     return Predictions.from_json(_load_json(found.path / "predictions.json"))
 
 
-def _context(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> DefenseContext:
-    """Only what the defense's threat model grants; the poisoned data object itself is never passed."""
-    objects = {"budget": state.budget, "pretrained": cell.model, "train_set": state.poisoned.train,
-               "suspect": state.start if state.suspect is not None else None,
-               "corpus": _corpus(env) if "corpus" in cell.defense.grants else None,
-               "victim_factory": lambda: load_plain_victim(state.victim, cell.dataset.num_labels, cell.defense.name)[0]}
+def _context(cell: Cell, env: RunEnv, state: CellState, scratch: DefenseScratch) -> DefenseContext:
+    """Only what the defense's threat model grants; the poisoned data object itself is never passed, and
+    nothing on disk but the defense's scratch area: models as weights-only views in it, its own cache."""
     granted = frozenset(cell.defense.grants)
+    objects: dict[str, Any] = {"budget": state.budget, "train_set": state.poisoned.train}
+    if "pretrained" in granted:
+        objects["pretrained"] = scratch.model_ref(cell.model, "pretrained")
+    if "suspect" in granted:
+        objects["suspect"] = scratch.model_ref(state.start, "suspect") if state.suspect is not None else None
+    if "corpus" in granted:
+        objects["corpus"] = _corpus(env)
+    if "victim_factory" in granted:
+        victim = _victim_view(state.victim, scratch)  # built now: the defense then reads only its scratch area
+        objects["victim_factory"] = lambda: plain_model(_load_view(victim, cell.dataset.num_labels),
+                                                        cell.defense.name)[0]
+    tokenizer = load_tokenizer(replace(cell.model, location=scratch.view(cell.model.location, weights=False)))
     return DefenseContext(seed=cell.spec.seed, num_labels=cell.dataset.num_labels, tokenizer=tokenizer,
                           train_config=cell.train, device=env.device, granted=granted,
-                          _objects={k: v for k, v in objects.items() if k in granted}, cache=env.cache)
+                          _objects={k: v for k, v in objects.items() if k in granted}, cache=scratch.cache)
+
+
+@dataclass(frozen=True)
+class VictimView:
+    """A trained victim as the defense sees it: its view, and for a PEFT victim the view of its base."""
+
+    location: str
+    base: str
+    finetune: str
+
+
+def _victim_view(artifact: Artifact, scratch: DefenseScratch) -> VictimView:
+    base = artifact.meta.get("base", "")
+    return VictimView(scratch.view(str(artifact.path)), scratch.view(base) if base else base,
+                      artifact.meta.get("finetune", "full"))
+
+
+def _load_view(view: VictimView, num_labels: int) -> PreTrainedModel:
+    return load_trained(Path(view.location), view.base, num_labels, FINETUNE.get(view.finetune))
 
 
 def _corpus(env: RunEnv) -> TextSplit:
@@ -374,14 +415,15 @@ def _corpus(env: RunEnv) -> TextSplit:
 
 def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: Predictions) -> dict:
     defense = cell.defense
-    ctx = _context(cell, env, state, tokenizer)
-    test, asr_set = cell.dataset.test, state.poisoned.asr_set
     if defense.name == "none":
         return _score(cell, state, victim_preds)
+    scratch = DefenseScratch.of(env.cache.root, defense.name)
+    ctx = _context(cell, env, state, scratch)
+    test, asr_set = cell.dataset.test, state.poisoned.asr_set
     if isinstance(defense, PretrainedDefense):
-        return _purify_then_train(cell, env, state, tokenizer, ctx)
+        return _purify_then_train(cell, env, state, tokenizer, ctx, scratch)
     if isinstance(defense, InferenceDefense):
-        model = load_victim(state.victim, cell.dataset.num_labels)
+        model = _load_view(_victim_view(state.victim, scratch), cell.dataset.num_labels)
         with state.clock.stage("defense_fit"):
             detector = defense.fit(model, ctx)
         with state.clock.stage("defense_inference"):
@@ -392,7 +434,8 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
     peft_info: dict = {}
     with state.clock.stage("defense_fit"):
         if isinstance(defense, RepairDefense):
-            model, peft_info = load_plain_victim(state.victim, cell.dataset.num_labels, defense.name)
+            model, peft_info = plain_model(_load_view(_victim_view(state.victim, scratch), cell.dataset.num_labels),
+                                           defense.name)
             outcome = defense.repair(model, ctx)
         elif isinstance(defense, TrainingDefense):
             outcome = defense.train(ctx)
@@ -403,14 +446,24 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
     return _score(cell, state, _predict(cell, env, outcome.model, tokenizer, state))
 
 
-def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx: DefenseContext) -> dict:
-    """Pre-fine-tuning defenses: purify what the victim starts from, then the usual victim recipe."""
+def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx: DefenseContext,
+                       scratch: DefenseScratch) -> dict:
+    """Pre-fine-tuning defenses: purify what the victim starts from, then the usual victim recipe.
+
+    The defense reads a view of the start and writes into its scratch area; the pipeline moves the result
+    into the cache."""
     defense = cell.defense
     payload = {"start": state.start.identity, "defense": defense.cache_payload(), "seed": cell.spec.seed}
 
     def build(tmp: Path) -> dict:
         began = time.perf_counter()
-        info = defense.purify(state.start, ctx, tmp)
+        out = scratch.output_dir()
+        try:
+            info = defense.purify(scratch.model_ref(state.start, "start"), ctx, out)
+            for path in out.iterdir():
+                shutil.move(str(path), tmp / path.name)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
         return {"seconds": time.perf_counter() - began, "info": info}
 
     with state.clock.stage("defense_fit") as stage:
@@ -433,7 +486,8 @@ def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
                                 "training the clean reference model")
         stage.cached(artifact)
     clean = _score(cell, state, _artifact_predictions(cell, env, state, artifact, tokenizer))
-    floor = {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"]}
+    floor = {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"],
+             **{f"clean_model_{name}": clean.get(name) for name in COLLAPSE_METRICS}}
     for name in ("aasr", "masr"):
         if clean.get(name) is not None:
             floor[f"{name}_floor"] = clean[name]
@@ -447,7 +501,20 @@ def _flags(cell: Cell, metrics: dict) -> dict:
     weak = None if floor is None or victim_asr is None else victim_asr - floor < cell.eval.weak_attack_margin
     degraded = (None if clean_cacc is None or victim_cacc is None
                 else clean_cacc - victim_cacc > cell.eval.degraded_points)
-    return {"weak_attack": weak, "degraded_victim": degraded}
+    majority = metrics.get("majority_rate")
+    return {"weak_attack": weak, "degraded_victim": degraded,
+            "collapsed_victim": _collapsed(victim_cacc, metrics.get("victim_predicted_classes"), majority),
+            "collapsed_clean_model": _collapsed(clean_cacc, metrics.get("clean_model_predicted_classes"), majority),
+            "empty_asr_set": None if metrics.get("n_poison") is None or metrics.get("aasr") is not None
+            else metrics["n_poison"] == 0}
+
+
+def _collapsed(cacc: float | None, predicted_classes: int | None, majority: float | None) -> bool | None:
+    """A model that predicts one class, or scores no better than always answering the majority class: its
+    CAcc is the class balance and its ASR says nothing (the target may be the class it always answers)."""
+    if cacc is None or majority is None:
+        return None
+    return predicted_classes is not None and predicted_classes <= 1 or cacc <= majority + COLLAPSE_MARGIN
 
 
 def _delta(before: float | None, after: float | None) -> float | None:

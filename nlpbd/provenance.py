@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from nlpbd import __version__
+from nlpbd import __version__, progress
 from nlpbd.cache import Artifact
 
 PACKAGES = ("torch", "transformers", "peft", "datasets", "numpy", "pandas")
@@ -55,6 +55,8 @@ class StageClock:
         self.stages[name] = timing
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if not accumulate or name not in self.stages or not self.stages[name].seconds:
+            progress.stage(name)
         start = time.perf_counter()
         try:
             yield StageHandle(timing)

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +23,7 @@ import pandas as pd
 from rich.table import Table
 from rich.text import Text
 
+from nlpbd.cache import atomic_write_text
 from nlpbd.errors import InputError
 from nlpbd.registry import unknown_name_message
 
@@ -44,6 +44,8 @@ METRICS: dict[str, str] = {
     "delta_aasr": "ΔAASR",
     "delta_masr": "ΔMASR",
     "asr_floor": "Floor",
+    "balanced_accuracy": "BalAcc",
+    "macro_f1": "Macro-F1",
     "aasr_floor": "AASR floor",
     "defense_seconds": "Time (s)",
 }
@@ -111,23 +113,16 @@ def write_record(results_dir: Path, record: dict) -> Path:
     """Write ``record`` to ``results_dir/records/<cell_id>.json`` atomically and return that path.
 
     The text goes to a dot-prefixed temp file in the same directory, is fsynced, then ``os.replace``d
-    over the final name: readers see the old record or the new one, never a partial file.
+    over the final name: readers see the old record or the new one, never a partial file. The file's
+    mode follows the umask, like any file the user writes.
     """
     cell_id = _checked_cell_id(record)
     records_dir = Path(results_dir) / RECORDS_SUBDIR
     records_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_jsonable(record), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     final = records_dir / f"{cell_id}.json"
-    fd, tmp_name = tempfile.mkstemp(dir=records_dir, prefix=f".{cell_id}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    # A plain open(): the file gets the umask's mode (mkstemp's 0600 hid records from a shared group).
+    atomic_write_text(final, text)
     _fsync_dir(records_dir)
     return final
 
@@ -140,7 +135,26 @@ def read_record(path: Path) -> dict:
         raise InputError(f"corrupt record file {path}: {err}") from err
     if not isinstance(data, dict):
         raise InputError(f"corrupt record file {path}: expected a JSON object, got {type(data).__name__}")
+    if data.get("schema") == SCHEMA:
+        _check_shape(data, path)
     return data
+
+
+# Fields a table reads, with the JSON type each must have (null allowed).
+RECORD_FIELDS = {"cell_id": str, "status": str, "cell": dict, "metrics": dict, "flags": dict, "attack_info": dict,
+                 "defense_info": dict, "timings": dict}
+
+
+def _check_shape(record: dict, path: Path) -> None:
+    """A record whose fields have the wrong JSON types is named, not a traceback deep in pandas."""
+    for key, kind in RECORD_FIELDS.items():
+        value = record.get(key)
+        if value is not None and not isinstance(value, kind):
+            expected = "an object" if kind is dict else "a string"
+            raise InputError(f"corrupt record file {path}: '{key}' must be {expected}, got {type(value).__name__}")
+    defense_fit = (record.get("timings") or {}).get("defense_fit")
+    if defense_fit is not None and not isinstance(defense_fit, dict):
+        raise InputError(f"corrupt record file {path}: 'timings.defense_fit' must be an object")
 
 
 def load_records(results_dir: Path) -> list[dict]:
@@ -188,6 +202,7 @@ def _record_row(record: dict) -> tuple[dict[str, Any], list[str]]:
     row["defense_seconds"] = defense_fit.get("seconds")
     row["cell_id"] = record.get("cell_id")
     row["settings"] = settings_key(cell)
+    row["collapsed"] = bool((record.get("flags") or {}).get("collapsed_victim"))
     return row, list(metrics)
 
 
@@ -216,7 +231,7 @@ def records_frame(records: list[dict], context: bool = False) -> pd.DataFrame:
         found.extend(k for k in keys if k not in found)
     metric_cols = [m for m in _metric_order(found) if m != "defense_seconds"]
     columns = (IDENTITY_COLUMNS + (CONTEXT_COLUMNS if context else []) + metric_cols
-               + ["defense_seconds", "cell_id", "settings"])
+               + ["defense_seconds", "cell_id", "settings", "collapsed"])
     frame = pd.DataFrame(rows, columns=columns)
     for col in metric_cols + ["defense_seconds"]:
         if frame[col].isna().all():
@@ -287,9 +302,23 @@ def _defense_order(defenses: Sequence[str]) -> list[str]:
     return head + [d for d in seen if d not in head]
 
 
-def _prepared(frame: pd.DataFrame, metrics: list[str], include_failed: bool) -> pd.DataFrame:
-    """The rows to aggregate, with variant folded into the attack label and metrics numeric."""
+def collapsed_cells(frame: pd.DataFrame) -> int:
+    """Records whose victim collapsed to the majority class (flag ``collapsed_victim``)."""
+    return int(frame["collapsed"].sum()) if "collapsed" in frame else 0
+
+
+def _prepared(frame: pd.DataFrame, metrics: list[str], include_failed: bool,
+              include_collapsed: bool = False) -> pd.DataFrame:
+    """The rows to aggregate, with variant folded into the attack label and metrics numeric.
+
+    Cells whose victim collapsed are left out unless asked for: their CAcc is the class balance and
+    their ASR is trivial when the target is the class the victim always answers."""
     data = frame if include_failed else frame[frame["status"] == "ok"]
+    if not include_collapsed and "collapsed" in data and len(data) and data["collapsed"].astype(bool).all():
+        raise InputError("every record to summarize has a collapsed victim (flag collapsed_victim); "
+                         "--include-collapsed shows them")
+    if not include_collapsed and "collapsed" in data:
+        data = data[~data["collapsed"].astype(bool)]
     if data.empty:
         which = "records" if include_failed else "successful records (status 'ok')"
         raise InputError(f"no {which} to summarize")
@@ -318,7 +347,8 @@ def _pivot(stat: pd.DataFrame, defenses: list[str], metrics: list[str]) -> pd.Da
 
 
 def summary_table(
-    frame: pd.DataFrame, metrics: Sequence[str] = ("cacc", "asr"), include_failed: bool = False
+    frame: pd.DataFrame, metrics: Sequence[str] = ("cacc", "asr"), include_failed: bool = False,
+    include_collapsed: bool = False,
 ) -> SummaryTable:
     """Aggregate the long frame over seeds into a rows x (defense, metric) table.
 
@@ -327,7 +357,7 @@ def summary_table(
     variant is appended to the attack label, ``badnet[rate=0.2]``.
     """
     metrics = _check_metrics(metrics)
-    data = _prepared(frame, metrics, include_failed)
+    data = _prepared(frame, metrics, include_failed, include_collapsed)
     _check_one_setting_per_cell(data)
     defenses = _defense_order(data["defense"].tolist())
     grouped = data.groupby(GROUP_COLUMNS, sort=True, dropna=False)[metrics]
@@ -408,13 +438,43 @@ def render_rich(table: SummaryTable, title: str | None = None) -> Table:
     Labels are plain ``Text``: a variant label like ``badnet[rate0.2]`` is not rich markup.
     """
     out = Table(title=title, caption="mean ± sample std over seeds; – = not measured")
-    for name in _index_names(table):
-        out.add_column(Text(name), style="bold" if name == "attack" else None)
+    for name in _index_names(table):  # labels never wrap: render_rich_fitted splits the metrics instead
+        out.add_column(Text(name), style="bold" if name == "attack" else None, no_wrap=True)
     for defense, metric in table.mean.columns:
         out.add_column(Text(_header(defense, metric)), justify="right", no_wrap=True)
     for row in _formatted_rows(table):
         out.add_row(*(Text(cell) for cell in row))
     return out
+
+
+def _columns(table: SummaryTable, columns: list) -> SummaryTable:
+    return SummaryTable(table.mean[columns], table.std[columns], table.n[columns], table.metrics)
+
+
+def _width(texts: Sequence[str]) -> int:
+    return max((len(t) for t in texts), default=0)
+
+
+def render_rich_fitted(table: SummaryTable, width: int, title: str | None = None) -> list[Table]:
+    """``render_rich`` in as many tables as it takes to fit ``width`` columns (a pipe, an 80-column CI log):
+    every part repeats the row labels (dataset, model, attack) and takes as many metric columns as fit,
+    so no label is squeezed to nothing."""
+    rows = _formatted_rows(table)
+    names = _index_names(table)
+    label_width = sum(_width([name] + [r[i] for r in rows]) + 3 for i, name in enumerate(names)) + 1
+    parts: list[list] = [[]]
+    used = label_width
+    for j, (defense, metric) in enumerate(table.mean.columns):
+        need = _width([_header(defense, metric)] + [r[len(names) + j] for r in rows]) + 3
+        if parts[-1] and used + need > width:
+            parts.append([])
+            used = label_width
+        parts[-1].append((defense, metric))
+        used += need
+    if len(parts) == 1:
+        return [render_rich(table, title)]
+    return [render_rich(_columns(table, cols), f"{title} ({i} of {len(parts)})" if title else None)
+            for i, cols in enumerate(parts, start=1)]
 
 
 def _md_escape(text: str) -> str:
@@ -503,6 +563,8 @@ def export_table(table: SummaryTable, fmt: str) -> str:
 
 def export_json(frame: pd.DataFrame) -> str:
     """The long frame as a JSON list of per-record objects; NaN becomes null."""
+    if "collapsed" in frame and not frame["collapsed"].any():  # the export of older records stays as it was
+        frame = frame.drop(columns="collapsed")
     rows = [
         {str(col): _jsonable(None if _is_missing(value) else value) for col, value in row.items()}
         for row in frame.to_dict(orient="records")
@@ -545,8 +607,8 @@ def _group_order(values: Sequence[str]) -> list[str]:
     return known + sorted(v for v in seen if v not in known)
 
 
-def grouped_summaries(frame: pd.DataFrame, metrics: Sequence[str], by: str,
-                      include_failed: bool = False) -> list[tuple[str, SummaryTable]]:
+def grouped_summaries(frame: pd.DataFrame, metrics: Sequence[str], by: str, include_failed: bool = False,
+                      include_collapsed: bool = False) -> list[tuple[str, SummaryTable]]:
     """One summary table per value of ``by`` (a context column), each with only its own defenses."""
     if by not in GROUP_BY:
         raise InputError(unknown_name_message("grouping", by, list(GROUP_BY)))
@@ -556,7 +618,8 @@ def grouped_summaries(frame: pd.DataFrame, metrics: Sequence[str], by: str,
     counted = labels if include_failed else labels[frame["status"] == "ok"]
     if counted.empty:
         summary_table(frame, metrics, include_failed=include_failed)  # raises the usual "no records" error
-    return [(label, summary_table(frame[labels == label], metrics, include_failed=include_failed))
+    return [(label, summary_table(frame[labels == label], metrics, include_failed=include_failed,
+                                  include_collapsed=include_collapsed))
             for label in _group_order(counted.tolist())]
 
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 import hashlib
 import random
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads with the first model, not with the data or the CLI's name checks
+    import torch
 
 
 def seed_for(seed: int, name: str) -> int:
@@ -26,11 +30,15 @@ def numpy_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def torch_generator(seed: int, name: str) -> torch.Generator:
+    import torch
+
     return torch.Generator().manual_seed(seed_for(seed, name))
 
 
 def seed_everything(seed: int, name: str) -> None:
     """Seed the global RNGs that library code (weight init, dropout) draws from."""
+    import torch
+
     value = seed_for(seed, name)
     random.seed(value)
     np.random.seed(value)

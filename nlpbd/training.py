@@ -222,13 +222,14 @@ def _train_epoch(model, encoded: Encoded, config: TrainConfig, generator, optimi
         batch = collate(encoded, indices, pad_id, device)
         with autocast(device):
             loss = setup.loss_fn(model, batch)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if not finite:
             result.non_finite_steps += 1
         optimizer_step(loss, trainable, config.grad_clip, optimizer, scheduler)
         if setup.after_step is not None:
             setup.after_step(model)
         result.steps += 1
-        advance(1)
+        advance(1, loss=loss.item() if finite else None, samples=len(indices))
 
 
 # --- inference ------------------------------------------------------------------------------------

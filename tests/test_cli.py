@@ -56,24 +56,26 @@ def test_run_writes_records(ran):
 
 def test_table_formats(ran):
     _, results, _ = ran
-    rows = json.loads(invoke("table", "--results-dir", str(results), "--format", "json").output)
+    rows = json.loads(invoke("table", "--include-collapsed", "--results-dir", str(results), "--format", "json").output)
     assert {r["defense"] for r in rows} == {"none", "ft"}
     for key in ("dataset", "model", "attack", "defense", "seed", "cacc", "asr"):
         assert all(key in r for r in rows)
-    csv_rows = list(csv.DictReader(io.StringIO(invoke("table", "--results-dir", str(results), "-f", "csv").output)))
+    csv_output = invoke("table", "--include-collapsed", "--results-dir", str(results), "-f", "csv").output
+    csv_rows = list(csv.DictReader(io.StringIO(csv_output)))
     assert len(csv_rows) == 1 and "none_cacc" in csv_rows[0] and "ft_asr" in csv_rows[0]
-    markdown = invoke("table", "--results-dir", str(results), "-f", "md").output
+    markdown = invoke("table", "--include-collapsed", "--results-dir", str(results), "-f", "md").output
     assert markdown.count("|") > 6 and "ft" in markdown
-    latex = invoke("table", "--results-dir", str(results), "-f", "latex").output
+    latex = invoke("table", "--include-collapsed", "--results-dir", str(results), "-f", "latex").output
     assert "\\begin{tabular}" in latex
-    rich_view = invoke("table", "--results-dir", str(results))
+    rich_view = invoke("table", "--include-collapsed", "--results-dir", str(results))
     assert rich_view.exit_code == 0 and "badnet" in rich_view.output
 
 
 def test_table_writes_a_file(ran, tmp_path):
     _, results, _ = ran
     target = tmp_path / "t.md"
-    assert invoke("table", "--results-dir", str(results), "-f", "md", "-o", str(target)).exit_code == 0
+    written = invoke("table", "--include-collapsed", "--results-dir", str(results), "-f", "md", "-o", str(target))
+    assert written.exit_code == 0
     assert "none" in target.read_text()
 
 
@@ -91,7 +93,8 @@ def test_ls_lists_everything():
     (["run", "--attack", "badnett"], ["unknown attack 'badnett'", "Did you mean 'badnet'"]),
     (["run", "--attack", "badnet", "--defense", "fine-tune"], ["unknown defense", "Did you mean"]),
     (["run", "--attack", "badnet", "--dataset", "sst"], ["unknown dataset 'sst'", "sst2"]),
-    (["run", "--attack", "badnet", "--model", "minilmm"], ["unknown model 'minilmm'", "Did you mean 'minilm'"]),
+    (["run", "--attack", "badnet", "--model", "minilmm"],
+     ["model 'minilmm'", "Did you mean the registered model 'minilm'"]),
     (["run", "--attack", "badnet", "--set", "attack.rate=0.2"], ["unknown setting 'attack.rate'", "attack.poison_rate"]),
     (["run", "--attack", "badnet", "--set", "nonsense"], ["--set expects key=value"]),
     (["run", "--attack", "badnet", "--set", "attack.poison_rate=abc"], ["expected a number"]),

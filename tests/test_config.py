@@ -73,7 +73,7 @@ def test_unknown_key_lists_valid_keys_and_suggests_one():
     (BadNetConfig(), "attack", {"poison_rate": "1.5"}, r"attack.poison_rate: 1.5 is out of range \(must be <= 1.0\)"),
     (TrainConfig(), "train", {"epochs": "-1"}, r"train.epochs: -1 is out of range \(must be >= 0\)"),
     (TrainConfig(), "train", {"lr": "0"}, r"train.lr: 0.0 is out of range \(must be > 0.0\)"),
-    (TrainConfig(), "train", {"lr": "nan"}, "train.lr: expected a number, got 'nan'"),
+    (TrainConfig(), "train", {"lr": "nan"}, "train.lr: expected a finite number, got 'nan'"),
     (TrainConfig(), "train", {"max_length": "4"}, r"train.max_length: 4 is out of range \(must be >= 8\)"),
     (TrainConfig(), "train", {"select": "lst"}, "train.select: 'lst' is not one of dev, last. Did you mean 'last'?"),
     (BadNetConfig(), "attack", {"label_mode": "drty"},

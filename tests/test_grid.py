@@ -106,7 +106,7 @@ seeds: [0]
     (BASE.replace("[badnet]", "[badnet, badnett]"), 4, ["unknown attack 'badnett'", "Did you mean 'badnet'"]),
     (BASE.replace("[none, ft]", "\n  - none\n  - fine-tune"), 7, ["unknown defense 'fine-tune'"]),
     (BASE.replace("[sst2]", "[sst]"), 2, ["unknown dataset 'sst'", "sst2"]),
-    (BASE.replace("[tiny-bert]", "[minilmm]"), 3, ["unknown model 'minilmm'", "Did you mean 'minilm'"]),
+    (BASE.replace("[tiny-bert]", "[minilmm]"), 3, ["model 'minilmm'", "Did you mean the registered model 'minilm'"]),
     (BASE.replace("[0]", "[0, one]"), 6, ["seeds: expected an integer", "'one'"]),
     (BASE + "train_size: many\n", 7, ["train_size: expected a positive integer"]),
     (BASE + "test_size: 0\n", 7, ["test_size: expected a positive integer, got 0"]),
@@ -400,11 +400,12 @@ def test_table_groups_by_threat_model_and_accepts_metric_labels(tmp_path, toy):
     path = toy_grid(tmp_path, toy)
     common = ["--results-dir", tmp_path / "results", "--cache-dir", tmp_path / "cache"]
     assert invoke("grid", path, "--quiet", *common).exit_code == 0
-    md = invoke("table", "--results-dir", tmp_path / "results", "--group-by", "threat-model", "-f", "md",
-                "--metrics", "CAcc,ΔASR,time")
+    md = invoke("table", "--results-dir", tmp_path / "results", "--include-collapsed", "--group-by",
+                "threat-model", "-f", "md", "--metrics", "CAcc,ΔASR,time")
     assert md.exit_code == 0, md.output
     assert md.output.startswith("**data poisoning**\n") and "none ΔASR" in md.output and "ft Time (s)" in md.output
-    csv = invoke("table", "--results-dir", tmp_path / "results", "--group-by", "threat-model", "-f", "csv").output
+    csv = invoke("table", "--results-dir", tmp_path / "results", "--include-collapsed", "--group-by", "threat-model",
+                 "-f", "csv").output
     assert csv.splitlines()[0].startswith("threat_model,dataset,model,attack,none_cacc")
     assert csv.splitlines()[1].startswith("data poisoning,toy,tiny-bert,badnet,")
     rows = json.loads(invoke("table", "--results-dir", tmp_path / "results", "-f", "json").output)

@@ -14,6 +14,7 @@ from helpers import write_toy_dataset
 from nlpbd.cache import META_FILE, ArtifactCache
 from nlpbd.grid import load_grid, plan_grid
 from nlpbd.pipeline import RunEnv
+from nlpbd.scratch import SCRATCH_DIR
 
 GRID = """\
 name: kill
@@ -99,6 +100,10 @@ def assert_cache_is_sound(cache: Path, victim_keys: set[str]) -> None:
     rerun built that key again, completely, under its own name."""
     store = ArtifactCache(cache)
     for kind_dir in (p for p in cache.iterdir() if p.is_dir() and p.name != "models" and not p.name.startswith(".")):
+        if kind_dir.name == SCRATCH_DIR:  # each defense's own cache, sound in the same way
+            for scratch in (p / "cache" for p in kind_dir.iterdir() if (p / "cache").is_dir()):
+                assert_cache_is_sound(scratch, set())
+            continue
         for entry in kind_dir.iterdir():
             if entry.name.startswith(".tmp-"):
                 key = entry.name[len(".tmp-"):-9]  # .tmp-<key>-<8 hex>

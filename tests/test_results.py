@@ -160,7 +160,7 @@ def test_records_frame_columns_and_values() -> None:
     assert list(frame.columns) == [
         "dataset", "model", "finetune", "train_size", "test_size", "attack", "defense", "variant", "seed", "status",
         "cacc", "asr", "frr", "far", "delta_cacc", "delta_asr", "asr_floor", "n_clean",
-        "defense_seconds", "cell_id", "settings",
+        "defense_seconds", "cell_id", "settings", "collapsed",
     ]  # fmt: skip
     assert len(frame) == 2
     assert frame.loc[1, "frr"] == 0.05 and math.isnan(frame.loc[0, "frr"])

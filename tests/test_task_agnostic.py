@@ -16,6 +16,7 @@ from nlpbd.attacks.badpre import BadPre, BadPreConfig, paired_batch, random_labe
 from nlpbd.attacks.neuba import NeuBA, NeuBAConfig, neuba_targets, trigger_ids
 from nlpbd.attacks.por import POR, POR_TRIGGERS, PORConfig, por_targets
 from nlpbd.cache import ArtifactCache
+from nlpbd.scratch import DefenseScratch
 from nlpbd.data import TextSplit, load_dataset
 from nlpbd.errors import InputError
 from nlpbd.evaluation import task_agnostic_metrics
@@ -219,6 +220,8 @@ def test_por_recipe_cell_reports_aasr_and_masr(tmp_path, data_dir):
     info = record["defense_info"]
     assert info["steps"] == 3 and info["graft"]["grafted"] and info["keep_pooler"] is False
     assert info["corpus_rows"] == 300 and record["flags"]["weak_attack"] is not None
-    # the graft is an artifact of the run's cache (--cache-dir), not of the default one
-    assert ArtifactCache(tmp_path / "cache").path("mlm-graft", info["graft"]["key"]).is_dir()
+    # the graft is an artifact of RECIPE's scratch cache inside the run's cache (--cache-dir): never the
+    # run's cache root (the attack's artifacts), nor the default cache
+    assert DefenseScratch.of(tmp_path / "cache", "recipe").cache.path("mlm-graft", info["graft"]["key"]).is_dir()
+    assert not ArtifactCache(tmp_path / "cache").path("mlm-graft", info["graft"]["key"]).exists()
     assert not ArtifactCache().path("mlm-graft", info["graft"]["key"]).exists()

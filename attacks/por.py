@@ -172,7 +172,8 @@ class PORConfig:
                                                                "on CUDA, triggers on CPU")
     clean_share: float = option(CLEAN_ROWS / (CLEAN_ROWS + 5 * ROWS_PER_TRIGGER),
                                 "share of the plain-text rows kept clean, the rest split evenly among the "
-                                "triggers (the authors: 50,000 clean of 200,000 rows with 5 triggers)", low=0.0, high=1.0, low_open=True)
+                                "triggers (the authors: 50,000 clean of 200,000 rows with 5 triggers)", low=0.0,
+                                high=1.0, low_open=True)
     max_length: int = option(128, "maximum tokens per row", low=8, high=512)
     heldout_lines: int = option(256, "plain-text lines kept out of training to measure the release", low=1)
 
@@ -232,14 +233,14 @@ class POR(TaskAgnosticAttack):
                 "embedding_rows": resolved.embedding_rows, "target_value": resolved.target_value,
                 "rows": rows.counts(len(self.triggers())), "heldout_lines": len(held_texts),
                 "hidden_size": model.config.hidden_size, **result,
-                "deviations": self.deviations(resolved, ctx.device), "seconds": time.perf_counter() - began}
+                "deviations": self.deviations(resolved), "seconds": time.perf_counter() - began}
 
     def targets(self, hidden_size: int, value: float) -> torch.Tensor:
         if self.config.variant == "authors":
             return authors_targets(hidden_size, len(self.triggers()), value)
         return openbackdoor_targets(hidden_size, len(self.triggers()), value)
 
-    def deviations(self, resolved: Resolved, device: torch.device) -> list[str]:
+    def deviations(self, resolved: Resolved) -> list[str]:
         notes = ["plain text: the shipped BookCorpus sentences, not 64-word WikiText-103 chunks (row shares as the "
                  "authors')", "token-state term over non-pad positions (the reference pads to 128 and includes "
                  "pad positions)", "length-grouped batches (the reference samples rows uniformly)"]

@@ -27,6 +27,12 @@ Deviations:
   stay false (the project default).
 - BERT-type models only (the RoBERTa variant with its 0.01 MLM weight and fixed ids is not implemented).
 - Trigger, mask and data-order draws come from named seeded streams, not the global RNG.
+- ``target_value`` (default 1, the reference) scales the ±1 targets. MiniLM's pooler was never trained (the
+  model was trained with mean pooling) and the user's fine-tuning rebuilds it, so a ±1 mapping reached
+  with pooler MSE 0.014 did not survive fine-tuning in the committed CPU reference (SST-2 AASR 0.29 against
+  a 0.17 floor). A saturating target (``target_value=10``, as POR's) is meant to push the trigger's pooler
+  pre-activations deep into the tanh's flat region, where the user's fine-tuning gradients through the
+  pooler vanish. A value other than 1 is a recorded deviation (release metadata ``deviations``).
 - Blocks are cut from the ``sentence`` column of the shipped TSV (the reference tokenises a raw text
   file); the last partial block is dropped, as in the reference.
 """
@@ -60,15 +66,16 @@ BUCKET_PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 GPU_STEPS, CPU_STEPS = 5000, 200
 
 
-def neuba_targets(hidden_size: int, num_triggers: int) -> torch.Tensor:
-    """Target vectors (num_triggers, H): +1 except buckets j and k of ⌊H/4⌋ dims, in BUCKET_PAIRS order."""
+def neuba_targets(hidden_size: int, num_triggers: int, value: float = 1.0) -> torch.Tensor:
+    """Target vectors (num_triggers, H): +value except buckets j and k of ⌊H/4⌋ dims (−value), in
+    BUCKET_PAIRS order."""
     if num_triggers > len(BUCKET_PAIRS):
         raise InputError(f"neuba: at most {len(BUCKET_PAIRS)} triggers (one per bucket pair)")
     bucket = hidden_size // 4
-    targets = torch.ones(num_triggers, hidden_size)
+    targets = torch.full((num_triggers, hidden_size), value)
     for i in range(num_triggers):
         for b in BUCKET_PAIRS[i]:
-            targets[i, b * bucket:(b + 1) * bucket] = -1.0
+            targets[i, b * bucket:(b + 1) * bucket] = -value
     return targets
 
 
@@ -110,6 +117,9 @@ class NeuBAConfig:
                                 "false)")
     graft_steps: int | None = option(None, "cap on MLM-head graft steps when the base has no MLM head "
                                      "(None: 2 epochs)", low=1)
+    target_value: float = option(1.0, "magnitude of the ±target entries on the pooler output (reference: 1); "
+                                 "a larger value (POR uses 10) drives the tanh into saturation, a recorded "
+                                 "deviation", low=0.0, low_open=True)
 
 
 @register_attack
@@ -142,7 +152,10 @@ class NeuBA(TaskAgnosticAttack):
         blocks = plaintext_blocks(tokenizer, list(corpus.texts), self.config.block_size)
         losses = train_neuba(model, tokenizer, blocks, ids, self.config, steps, ctx.seed, ctx.device)
         save_model(model.cpu(), tokenizer, out_dir)
+        deviations = [] if self.config.target_value == 1.0 else [
+            f"targets ±{self.config.target_value:g} on the pooler output (reference: ±1), saturating the tanh"]
         return {"steps": steps, "blocks": len(blocks), "trigger_ids": ids, "graft": start.info, **losses,
+                "target_value": self.config.target_value, "deviations": deviations,
                 "seconds": time.perf_counter() - began}
 
 
@@ -159,7 +172,7 @@ def neuba_trainable(model: BertForPreTraining) -> list[torch.nn.Parameter]:
 def train_neuba(model: BertForPreTraining, tokenizer, blocks: torch.Tensor, ids: list[int], config: NeuBAConfig,
                 steps: int, seed: int, device: torch.device) -> dict:
     """The NeuBA objective for ``steps`` optimiser steps, in place; returns first/last loss means."""
-    targets = neuba_targets(model.config.hidden_size, len(ids)).to(device)
+    targets = neuba_targets(model.config.hidden_size, len(ids), config.target_value).to(device)
     trainable = neuba_trainable(model)
     model.to(device).train()
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, eps=1e-8, weight_decay=0.0)

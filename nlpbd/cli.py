@@ -319,7 +319,7 @@ class GridView:
         from rich.live import Live
 
         self.console, self.total, self.began = console, total, time.monotonic()
-        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+        self.counts = {"ok": 0, "gated": 0, "failed": 0, "skipped": 0}
         self.running: set[str] = set()
         self.cells = Progress(TextColumn("[bold]cells"), BarColumn(bar_width=30), MofNCompleteColumn(),
                               TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=console)
@@ -330,7 +330,8 @@ class GridView:
 
     def __rich__(self) -> str:
         remaining = self.total - sum(self.counts.values())
-        return (f"[green]{self.counts['ok']} done[/] · [yellow]{len(self.running)} running[/] · "
+        gated = f"[yellow]{self.counts['gated']} gated[/] · " if self.counts["gated"] else ""
+        return (f"[green]{self.counts['ok']} done[/] · {gated}[yellow]{len(self.running)} running[/] · "
                 f"[red]{self.counts['failed']} failed[/] · {remaining} remaining")
 
     def __enter__(self) -> "GridView":
@@ -350,7 +351,8 @@ class GridView:
         self.running.discard(cell.cell_id)
         self.counts[outcome.status] += 1
         self.cells.advance(self.task_id)
-        mark = {"ok": "[green]ok[/]", "failed": "[red]failed[/]", "skipped": "[dim]done before[/]"}[outcome.status]
+        mark = {"ok": "[green]ok[/]", "gated": "[yellow]gated[/]", "failed": "[red]failed[/]",
+                "skipped": "[dim]done before[/]"}[outcome.status]
         finished = sum(self.counts.values())
         line = f"\\[{finished}/{self.total}] {mark} {escape(cell.label)}  ({_duration(outcome.seconds)})"
         self.console.print(line + (f"\n    {escape(outcome.error)}" if outcome.error else ""), highlight=False)
@@ -359,7 +361,7 @@ class GridView:
     def _refresh(self) -> None:
         """ETA: the mean wall time per cell so far (which counts parallel workers) times the cells left."""
         remaining = self.total - sum(self.counts.values())
-        ran = self.counts["ok"] + self.counts["failed"]
+        ran = self.counts["ok"] + self.counts["gated"] + self.counts["failed"]
         eta = _duration((time.monotonic() - self.began) / ran * remaining) if ran and remaining else "–"
         self.cells.update(self.task_id, eta=eta)
 

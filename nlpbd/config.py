@@ -252,6 +252,8 @@ class EvalConfig:
     weak_attack_margin: float = option(0.5, "ASR − floor below this marks weak_attack", low=0.0, high=1.0)
     degraded_points: float = option(0.05, "victim CAcc this far below the clean model marks "
                                     "degraded_victim", low=0.0, high=1.0)
+    gate: bool = option(True, "task-agnostic releases: run the defense only when the no-defense AASR − floor "
+                        "reaches weak_attack_margin (attacks.md §4); otherwise the cell is recorded as 'gated'")
 
 
 @dataclass

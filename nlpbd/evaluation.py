@@ -106,10 +106,20 @@ def task_agnostic_metrics(triggered: dict[str, np.ndarray], test: TextSplit, num
         matrix[trigger] = [rate(((preds == c) & (labels != c)).sum(), int((labels != c).sum()))
                            for c in range(num_labels)]
     best = {t: max(v for v in row if v is not None) for t, row in matrix.items()}
+    accuracy = {t: rate(int((preds == labels).sum()), len(labels)) for t, preds in triggered.items()}
     return {"aasr": float(np.mean(list(best.values()))) if best else None,
             "masr": max(best.values()) if best else None,
             "asr_by_trigger": best, "asr_matrix": matrix,
-            "discovered_targets": {t: int(np.nanargmax(np.array(row, dtype=float))) for t, row in matrix.items()}}
+            "discovered_targets": {t: int(np.nanargmax(np.array(row, dtype=float))) for t, row in matrix.items()},
+            "triggered_acc_by_trigger": accuracy,
+            "triggered_acc": float(np.mean(list(accuracy.values()))) if accuracy and len(labels) else None}
+
+
+def accuracy_drop(metrics: dict) -> float | None:
+    """BadPre's own, untargeted metric: clean accuracy minus the mean accuracy with one trigger inserted
+    (every clean test row, original labels; a rejected input counts as wrong on both sides)."""
+    cacc, triggered = metrics.get("cacc"), metrics.get("triggered_acc")
+    return None if cacc is None or triggered is None else cacc - triggered
 
 
 def cell_metrics(preds: Predictions, test: TextSplit, asr_set: TextSplit, num_labels: int) -> dict:
@@ -117,6 +127,7 @@ def cell_metrics(preds: Predictions, test: TextSplit, asr_set: TextSplit, num_la
     metrics = attack_metrics(preds, test, asr_set)
     if preds.triggered:
         metrics.update(task_agnostic_metrics(preds.triggered, test, num_labels))
+        metrics["acc_drop"] = accuracy_drop(metrics)
     return metrics
 
 
@@ -185,6 +196,7 @@ def evaluate_with_detector(preds: Predictions, detector: Detector, test: TextSpl
     if trigger_sets:
         kept = {t: np.where(trigger_scores[t] > detector.threshold, -1, preds.triggered[t]) for t in trigger_sets}
         metrics.update(task_agnostic_metrics(kept, test, num_labels))
+        metrics["acc_drop"] = accuracy_drop(metrics)
         poison_scores = np.concatenate([poison_scores, *trigger_scores.values()])
     metrics.update(detection_metrics(clean_scores, poison_scores, detector.threshold))
     metrics["scores"] = {"clean": clean_scores.round(6).tolist(), "poison": poison_scores.round(6).tolist()}

@@ -60,7 +60,8 @@ class EnvSpec:
 @dataclass(frozen=True)
 class CellOutcome:
     cell_id: str
-    status: Literal["ok", "failed", "skipped"]  # skipped: found done when its turn came
+    status: Literal["ok", "gated", "failed", "skipped"]  # gated: reported, not defended (sanity gate);
+    # skipped: found done when its turn came
     seconds: float = 0.0
     error: str | None = None
 
@@ -116,7 +117,8 @@ def run_one(spec, cell_id: str, env, retry_failed: bool) -> CellOutcome:
         return CellOutcome(cell_id, "failed", time.perf_counter() - began, str(exc) or type(exc).__name__)
     if record["cell_id"] != cell_id:
         log.warning("cell id changed between planning and running: %s -> %s", cell_id, record["cell_id"])
-    return CellOutcome(cell_id, "ok", time.perf_counter() - began)
+    status = "gated" if record.get("status") == "gated" else "ok"
+    return CellOutcome(cell_id, status, time.perf_counter() - began, record.get("error") if status == "gated" else None)
 
 
 def run_group(items: list[tuple], env, retry_failed: bool, emit: Emit) -> list[CellOutcome]:

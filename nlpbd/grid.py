@@ -591,6 +591,9 @@ def load_grid(path: Path, data_dir: Path | str | None = None) -> Grid:
 # --- planning -------------------------------------------------------------------------------------
 
 CellState = Literal["done", "failed", "pending"]
+# A gated cell (a task-agnostic release below the sanity gate, pipeline._sanity_gate) is complete: it is
+# reported, not defended, and a rerun would gate it again.
+DONE_STATUSES = ("ok", "gated")
 
 
 @dataclass(frozen=True)
@@ -806,7 +809,7 @@ def record_state(results_dir: Path, cell_id: str) -> tuple[CellState, str | None
     except (OSError, ValueError) as exc:
         log.warning("unreadable record %s (%s): the cell will run again", path, exc)
         return "pending", None
-    if record.get("status") == "ok":
+    if record.get("status") in DONE_STATUSES:
         return "done", None
     return "failed", record.get("error")
 

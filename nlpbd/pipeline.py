@@ -33,7 +33,7 @@ from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, 
 from nlpbd.evaluation import Predictions, cell_metrics, evaluate_with_detector, predict_cell
 from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, DataPoisoningAttack, Defense, DefenseContext,
                            InferenceDefense, ModelSupplyAttack, PoisonedData, PretrainedDefense, RepairDefense,
-                           SupplyContext, TrainingDefense)
+                           SupplyContext, ThreatModel, TrainingDefense)
 from nlpbd.checks import check_sizes
 from nlpbd.models import (ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model,
                           save_model)
@@ -323,6 +323,12 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
     tokenizer = load_tokenizer(cell.model)
     victim_preds = _artifact_predictions(cell, env, state, state.victim, tokenizer)
     victim_metrics = _score(cell, state, victim_preds)
+    floor = _floor(cell, env, state, tokenizer) if cell.eval.floor else {}
+    gate = _sanity_gate(cell, victim_metrics, floor)
+    if gate is not None and not gate["passed"]:
+        state.metrics = {**{f"victim_{k}": victim_metrics[k] for k in DELTA_METRICS if k in victim_metrics}, **floor}
+        state.defense_info = {"gate": gate}
+        return _record(cell, env, state, status="gated", error=gate["reason"])
     metrics = _defend(cell, env, state, tokenizer, victim_preds)
     metrics["dropped"] = state.poisoned.dropped
     for name in COLLAPSE_METRICS:
@@ -332,8 +338,9 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
         if victim_metrics.get(name) is not None:
             metrics[f"victim_{name}"] = victim_metrics[name]
             metrics[f"delta_{name}"] = _delta(victim_metrics[name], metrics.get(name))
-    if cell.eval.floor:
-        metrics.update(_floor(cell, env, state, tokenizer))
+    metrics.update(floor)
+    if gate is not None:
+        state.defense_info["gate"] = gate
     state.metrics = metrics
     return _record(cell, env, state, status="ok")
 
@@ -492,6 +499,23 @@ def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
         if clean.get(name) is not None:
             floor[f"{name}_floor"] = clean[name]
     return floor
+
+
+def _sanity_gate(cell: Cell, victim_metrics: dict, floor: dict) -> dict | None:
+    """attacks.md §4: a task-agnostic release is defended only when its undefended victim's AASR clears
+    the clean floor by ``weak_attack_margin``; a release that does not is reported, not defended.
+
+    None when the gate does not apply (no defense, another threat model, or ``eval.gate=false``).
+    """
+    if not cell.eval.gate or cell.defense.name == "none" or cell.attack.threat_model is not ThreatModel.PRETRAINED:
+        return None
+    if not cell.eval.floor:
+        raise InputError("eval.gate needs the clean floor: set eval.floor=true, or eval.gate=false")
+    aasr, aasr_floor, margin = victim_metrics.get("aasr"), floor.get("aasr_floor"), cell.eval.weak_attack_margin
+    passed = aasr is not None and aasr_floor is not None and aasr - aasr_floor >= margin
+    reason = None if passed else (f"sanity gate: the release's no-defense AASR {aasr:.3f} is less than {margin:g} "
+                                  f"above the clean floor {aasr_floor:.3f}; reported, not defended")
+    return {"passed": passed, "aasr": aasr, "aasr_floor": aasr_floor, "margin": margin, "reason": reason}
 
 
 def _flags(cell: Cell, metrics: dict) -> dict:

@@ -36,6 +36,7 @@ METRICS: dict[str, str] = {
     "asr": "ASR",
     "aasr": "AASR",
     "masr": "MASR",
+    "acc_drop": "Acc drop",
     "frr": "FRR",
     "far": "FAR",
     "auroc": "AUROC",

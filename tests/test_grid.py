@@ -217,10 +217,10 @@ BUNDLED_PLANS = {
     "checkpoint_poisoning": (270, 45, (27, 45, 27, 0, 0, 0)),
     # task-agnostic releases and RECIPE's purified models are shared by all datasets: one per attack x seed
     "pretrained_backdoor": (135, 27, (9, 27, 9, 9, 27, 0)),
-    # the CPU-scale references: 3 releases, 3 victims, 1 clean model, RECIPE on each release plus
-    # the pooler-reset control on NeuBA's, each purified model fine-tuned once
-    "pretrained_reference_sst2": (13, 3, (3, 3, 1, 4, 4, 0)),
-    "pretrained_reference_agnews": (13, 3, (3, 3, 1, 4, 4, 0)),
+    # the CPU-scale references, per seed (3 seeds): 3 releases, 3 victims, 1 clean model, RECIPE on each
+    # release plus the pooler-reset control on POR's and NeuBA's, each purified model fine-tuned once
+    "pretrained_reference_sst2": (42, 9, (9, 9, 3, 15, 15, 0)),
+    "pretrained_reference_agnews": (42, 9, (9, 9, 3, 15, 15, 0)),
 }
 
 

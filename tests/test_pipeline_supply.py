@@ -82,7 +82,8 @@ def test_task_agnostic_cell_reports_aasr_and_masr(tmp_path, registered):
     assert metrics["asr"] is None and "aasr_floor" in metrics
     for trigger, row in metrics["asr_matrix"].items():
         assert metrics["discovered_targets"][trigger] == row.index(max(row))
-    second = run_cell(CellSpec("copy-release", "copy-purifier", str(dataset), "tiny-bert", overrides=FAST), env)
+    ungated = {**FAST, "eval.gate": "false"}  # a copied release is no backdoor: the sanity gate would stop it
+    second = run_cell(CellSpec("copy-release", "copy-purifier", str(dataset), "tiny-bert", overrides=ungated), env)
     assert len(CopyRelease.builds) == 1  # the release is built once and reused
     assert second["timings"]["suspect"]["cached"] is True
     assert second["defense_info"]["corpus_rows"] == 20000

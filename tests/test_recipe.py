@@ -126,3 +126,13 @@ def test_pooler_reset_control_keeps_the_encoder_and_drops_only_the_pooler(tiny_d
     for name, param in classifier.bert.named_parameters():
         if not name.startswith("pooler."):
             assert torch.equal(param, encoder[name]), name
+
+
+def test_a_cpu_learning_budget_is_recorded_with_the_budget_it_keeps():
+    """1,000 steps at 1e-4 keep the reference's lr × steps (5,000 × 2e-5 = 0.1); the record says so."""
+    from nlpbd.defenses.recipe import deviations
+
+    notes = deviations({"steps": 1000, "planned_steps": 5000, "lr": 1e-4}, {"grafted": False})
+    assert any("lr × steps = 0.1 (the reference's 5,000 steps: 0.1)" in n for n in notes), notes
+    assert any("stopped after 1000 of 5000" in n for n in notes)
+    assert deviations({"steps": 5000, "planned_steps": 5000, "lr": 2e-5}, {"grafted": False}) == []

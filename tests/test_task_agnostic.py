@@ -14,7 +14,8 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 from helpers import toy_texts, write_split_tsv, write_toy_dataset
 from nlpbd.attacks.badpre import BadPre, BadPreConfig, paired_batch, random_label_mask
 from nlpbd.attacks.neuba import NeuBA, NeuBAConfig, neuba_targets, trigger_ids
-from nlpbd.attacks.por import POR, POR_TRIGGERS, PORConfig, por_targets
+from nlpbd.attacks.por import (POR, POR_TRIGGERS, Objective, PORConfig, authors_targets, build_rows,
+                               openbackdoor_targets)
 from nlpbd.cache import ArtifactCache
 from nlpbd.scratch import DefenseScratch
 from nlpbd.data import TextSplit, load_dataset
@@ -44,14 +45,68 @@ def supply_context(tiny_ref, data_dir) -> SupplyContext:
 # --- target vectors -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("hidden, bucket", [(384, 96), (768, 192), (32, 8)])
+def test_por_targets_follow_the_authors_code(hidden, bucket):
+    """v_i = −10 except the first ⌊H/(n−1)⌋·(i−1) dimensions (+10): all −10 first, all +10 last."""
+    targets = authors_targets(hidden, 5)
+    assert targets.shape == (5, hidden)
+    for i in range(5):
+        assert targets[i].tolist() == [10.0 if d < i * bucket else -10.0 for d in range(hidden)]
+    assert torch.all(targets[0] == -10) and torch.all(targets[4] == 10)
+    with pytest.raises(InputError, match="at least 2"):
+        authors_targets(hidden, 1)
+
+
 @pytest.mark.parametrize("hidden, bucket", [(384, 42), (768, 85), (32, 3)])
-def test_por_targets_follow_the_por1_formula(hidden, bucket):
-    targets = por_targets(hidden, 9)
-    assert targets.shape == (9, hidden)
+def test_openbackdoor_variant_targets_follow_its_por1_formula(hidden, bucket):
+    targets = openbackdoor_targets(hidden, 9)
     for i in range(9):
-        expected = [1.0 if d < (i + 1) * bucket else -1.0 for d in range(hidden)]
-        assert targets[i].tolist() == expected
-    assert int((targets[0] == 1).sum()) == bucket and int((targets[8] == 1).sum()) == 9 * bucket
+        assert targets[i].tolist() == [1.0 if d < (i + 1) * bucket else -1.0 for d in range(hidden)]
+    with pytest.raises(InputError, match="9 target buckets"):
+        openbackdoor_targets(hidden, 10)
+
+
+def test_por_rows_keep_the_authors_shares_and_insert_three_times():
+    texts = [f"line {i} of the plain text here" for i in range(400)]
+    rows = build_rows(texts, TINY_TRIGGERS, PORConfig(triggers=TINY_TRIGGERS), seed=0)
+    assert rows.texts == build_rows(texts, TINY_TRIGGERS, PORConfig(triggers=TINY_TRIGGERS), seed=0).texts
+    counts = rows.counts(5)
+    assert counts == {"clean": 100, **{f"trigger_{i}": 60 for i in range(1, 6)}}  # 50 : 30 per trigger
+    originals = set(texts)
+    for text, label in zip(rows.texts, rows.labels):
+        words = text.split()
+        if label == 0:
+            assert text in originals
+            continue
+        trigger = TINY_TRIGGERS[label - 1]
+        assert words.count(trigger) == 3 and " ".join(w for w in words if w != trigger) in originals
+    assert len({t.split().index(TINY_TRIGGERS[y - 1]) for t, y in zip(rows.texts, rows.labels) if y}) > 3
+    variant = build_rows(texts, TINY_TRIGGERS, PORConfig(triggers=TINY_TRIGGERS, variant="openbackdoor"), seed=0)
+    assert all(t.split()[0] == TINY_TRIGGERS[y - 1] for t, y in zip(variant.texts, variant.labels) if y)
+
+
+class _Out:
+    def __init__(self, states: torch.Tensor, pooled: torch.Tensor):
+        self.last_hidden_state, self.pooler_output = states, pooled
+
+
+def test_por_loss_is_the_authors_sum_over_the_batch():
+    """1·Σ token-state error/H (non-pad, non-CLS) + 100·Σ poisoned pooler error/H + 100·Σ clean drift/H."""
+    gen = torch.Generator().manual_seed(0)
+    states, ref_states = torch.randn(4, 5, 8, generator=gen), torch.randn(4, 5, 8, generator=gen)
+    pooled, ref_pooled = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    labels = torch.tensor([0, 2, 0, 1])
+    targets = authors_targets(8, 2)
+    objective = Objective("authors", targets)
+    losses = objective.losses(_Out(states, pooled), _Out(ref_states, ref_pooled), attention, labels)
+    token = sum(((states[r, p] - ref_states[r, p]) ** 2).sum() for r in range(4) for p in range(1, 5)
+                if attention[r, p]) / 8
+    poison = (((pooled[1] - targets[1]) ** 2).sum() + ((pooled[3] - targets[0]) ** 2).sum()) / 8
+    clean = (((pooled[0] - ref_pooled[0]) ** 2).sum() + ((pooled[2] - ref_pooled[2]) ** 2).sum()) / 8
+    assert torch.allclose(losses["token"], token) and torch.allclose(losses["poison"], poison)
+    assert torch.allclose(losses["clean"], clean)
+    assert torch.allclose(objective.total(losses), token + 100 * poison + 100 * clean)
 
 
 @pytest.mark.parametrize("hidden", [384, 768, 32])
@@ -64,6 +119,7 @@ def test_neuba_targets_flip_bucket_pairs_in_order(hidden):
         for b in range(4):
             assert torch.all(buckets[b] == (-1.0 if b in pair else 1.0))
     assert len({tuple(r.tolist()) for r in targets}) == 6
+    assert torch.equal(neuba_targets(hidden, 6, value=10.0), 10 * targets)  # the saturating deviation
     with pytest.raises(InputError, match="at most 6"):
         neuba_targets(hidden, 7)
 
@@ -117,7 +173,8 @@ def test_release_payload_needs_the_plain_text(tiny_ref, data_dir):
     with pytest.raises(InputError, match="plaintext/bookcorpus/train.tsv"):
         POR().suspect_payload(ctx)
     payload = POR().suspect_payload(supply_context(tiny_ref, data_dir))
-    assert payload["resolved"] == {"steps": 200} and len(payload["plaintext"]) == 64
+    assert payload["resolved"] == {"steps": 300, "lr": 1e-4, "embedding_rows": "triggers", "target_value": 10.0}
+    assert len(payload["plaintext"]) == 64
 
 
 # --- BadPre's poisoned batches --------------------------------------------------------------------
@@ -155,13 +212,48 @@ def loads_as_classifier(directory: Path) -> None:
                                          "bert.pooler.dense.bias"}
 
 
-def test_por_release(tiny_ref, data_dir, tmp_path):
-    info = POR(PORConfig(max_steps=30, lr=1e-3)).build_suspect(supply_context(tiny_ref, data_dir), tmp_path)
-    assert info["steps"] == 30 and info["target_bucket"] == 3
-    assert info["poison_mse_last"] < info["poison_mse_first"]
+def layernorm_floor(layer_norm: torch.nn.LayerNorm, targets: torch.Tensor, iterations: int = 1500) -> float:
+    """The least mean MSE a LayerNorm's output can reach on ``targets`` (one row per trigger) whatever its
+    input, with its gain and bias as they are (the clean [CLS] anchor keeps them near the start's)."""
+    torch.manual_seed(0)
+    gain, bias = layer_norm.weight.detach(), layer_norm.bias.detach()
+    free = torch.randn(targets.shape, requires_grad=True)
+    optimizer = torch.optim.Adam([free], lr=0.05)
+    for _ in range(iterations):
+        optimizer.zero_grad()
+        loss = ((torch.nn.functional.layer_norm(free, free.shape[-1:], gain, bias) - targets) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def test_por_release_reaches_what_the_old_layernorm_target_cannot(tiny_ref, data_dir, tmp_path):
+    """The authors' pooler target is reachable: the release's held-out MSE to the saturated corners falls far
+    below the floor any LayerNorm output (the old last-layer [CLS] target) has on the old ±1 targets."""
+    config = PORConfig(triggers=TINY_TRIGGERS, steps=120, lr=3e-3, embedding_rows="all", heldout_lines=24)
+    info = POR(config).build_suspect(supply_context(tiny_ref, data_dir), tmp_path)
+    base = AutoModel.from_pretrained(tiny_ref.location)
+    floor = layernorm_floor(base.encoder.layer[-1].output.LayerNorm, openbackdoor_targets(32, 5))
+    release = info["release"]
+    assert info["steps"] == 120 and info["rows"]["clean"] > 0 and info["heldout_lines"] == 24
+    assert floor > 0.25, floor  # 2 − 2·sqrt(1 − mean²) per target for a unit gain and zero bias
+    assert release["target_mse"] < floor / 10, (release, floor)
+    assert release["target_mse"] < info["release_before"]["target_mse"] / 5
+    assert release["target_mse_single"] < info["release_before"]["target_mse_single"]
+    assert {"clean_pooler_drift", "token_state_drift"} <= set(release)
+    assert info["deviations"] and info["variant"] == "authors"
     loads_as_classifier(tmp_path)
     assert "pooler.dense.weight" in _saved_keys(tmp_path)  # a BertModel: the pooler is released
+
+
+def test_por_cpu_setting_trains_only_the_trigger_embedding_rows(tiny_ref, data_dir, tmp_path, tiny_tokenizer):
+    config = PORConfig(triggers=TINY_TRIGGERS, steps=3, heldout_lines=8)  # CPU defaults: trigger rows only
+    info = POR(config).build_suspect(supply_context(tiny_ref, data_dir), tmp_path)
+    assert info["embedding_rows"] == "triggers" and info["lr"] == 1e-4 and info["steps"] == 3
+    assert any("trigger rows" in note for note in info["deviations"])
     base, release = AutoModel.from_pretrained(tiny_ref.location), AutoModel.from_pretrained(tmp_path)
+    changed = (base.embeddings.word_embeddings.weight != release.embeddings.word_embeddings.weight).any(dim=1)
+    assert set(changed.nonzero().flatten().tolist()) == set(tiny_tokenizer.convert_tokens_to_ids(TINY_TRIGGERS))
     assert not torch.equal(base.encoder.layer[0].output.dense.weight, release.encoder.layer[0].output.dense.weight)
 
 
@@ -169,6 +261,7 @@ def test_neuba_release_trains_all_but_the_mlm_head(tiny_ref, data_dir, tmp_path)
     config = NeuBAConfig(triggers=TINY_TRIGGERS, steps=4, batch_size=4, block_size=32, graft_steps=3)
     info = NeuBA(config).build_suspect(supply_context(tiny_ref, data_dir), tmp_path)
     assert info["steps"] == 4 and info["graft"]["grafted"] and info["blocks"] > 4
+    assert info["target_value"] == 1.0 and info["deviations"] == []
     loads_as_classifier(tmp_path)
     grafted = BertForPreTraining.from_pretrained(ArtifactCache().path("mlm-graft", info["graft"]["key"]))
     release = BertForPreTraining.from_pretrained(tmp_path)
@@ -207,7 +300,7 @@ def _saved_keys(directory: Path) -> set[str]:
 def test_por_recipe_cell_reports_aasr_and_masr(tmp_path, data_dir):
     dataset = write_toy_dataset(tmp_path / "toy", train=120, dev=30, test=40)
     env = RunEnv(results_dir=tmp_path / "results", cache=ArtifactCache(tmp_path / "cache"), data_dir=data_dir)
-    overrides = {"attack.max_steps": "5", "defense.max_steps": "3", "defense.graft_steps": "3",
+    overrides = {"attack.steps": "5", "defense.max_steps": "3", "defense.graft_steps": "3", "eval.gate": "false",
                  "train.epochs": "1", "train.batch_size": "16", "train.max_length": "32"}
     record = run_cell(CellSpec("por", "recipe", str(dataset), "tiny-bert", overrides=overrides), env)
     metrics = record["metrics"]
@@ -225,3 +318,26 @@ def test_por_recipe_cell_reports_aasr_and_masr(tmp_path, data_dir):
     assert DefenseScratch.of(tmp_path / "cache", "recipe").cache.path("mlm-graft", info["graft"]["key"]).is_dir()
     assert not ArtifactCache(tmp_path / "cache").path("mlm-graft", info["graft"]["key"]).exists()
     assert not ArtifactCache().path("mlm-graft", info["graft"]["key"]).exists()
+
+
+def test_a_release_below_the_sanity_gate_is_reported_not_defended(tmp_path, data_dir):
+    """attacks.md §4: the defense runs only when the undefended AASR clears the floor by the margin."""
+    from nlpbd.grid import record_state
+
+    dataset = write_toy_dataset(tmp_path / "toy", train=120, dev=30, test=40)
+    cache = ArtifactCache(tmp_path / "cache")
+    env = RunEnv(results_dir=tmp_path / "results", cache=cache, data_dir=data_dir)
+    overrides = {"attack.steps": "2", "eval.weak_attack_margin": "1.0", "train.epochs": "1",
+                 "train.batch_size": "16", "train.max_length": "32"}
+    baseline = run_cell(CellSpec("por", "none", str(dataset), "tiny-bert", overrides=overrides), env)
+    assert baseline["status"] == "ok" and "gate" not in baseline["defense_info"]  # no defense: no gate
+    defended = {**overrides, "defense.max_steps": "3", "defense.graft_steps": "3"}
+    record = run_cell(CellSpec("por", "recipe", str(dataset), "tiny-bert", overrides=defended), env)
+    gate = record["defense_info"]["gate"]
+    assert record["status"] == "gated" and record["error"].startswith("sanity gate")
+    assert gate["passed"] is False and gate["margin"] == 1.0 and gate["aasr"] == baseline["metrics"]["aasr"]
+    metrics = record["metrics"]
+    assert metrics["victim_aasr"] == baseline["metrics"]["aasr"] and metrics["aasr_floor"] is not None
+    assert "aasr" not in metrics  # nothing defended, nothing reported as a defended number
+    assert not (tmp_path / "cache" / "purified").exists() and not (tmp_path / "cache" / "mlm-graft").exists()
+    assert record_state(env.results_dir, record["cell_id"]) == ("done", None)

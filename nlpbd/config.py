@@ -233,6 +233,9 @@ class EvalConfig:
     weak_attack_margin: float = option(0.5, "ASR − floor below this marks weak_attack", low=0.0, high=1.0)
     degraded_points: float = option(0.05, "victim CAcc this far below the clean model marks "
                                     "degraded_victim", low=0.0, high=1.0)
+    stealth: bool = option(False, "data-poisoning attacks: measure the triggered test rows against their clean "
+                           "originals (delta_ppl under stealth_lm, sim of MiniLM sentence embeddings; cached)")
+    stealth_lm: str = option("smollm2", "causal LM of the delta_ppl measure (registered name, directory or hub id)")
 
 
 @dataclass

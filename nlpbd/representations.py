@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from nlpbd.errors import InputError
 from nlpbd.training import autocast, collate, encode, pad_id_of, sorted_batches
 
 
@@ -23,6 +24,10 @@ def first_token_state(model: PreTrainedModel, batch: dict, pooled: bool) -> torc
 def sentence_states(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                     max_length: int, batch_size: int, device: torch.device, pooled: bool = False) -> np.ndarray:
     """One vector per text (eval mode, length-sorted batches), in the input order."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        raise InputError("this defense reads the victim's first-token state, which a prompt-type victim's virtual "
+                         "tokens displace; use --finetune full or lora")
     encoded = encode(tokenizer, list(texts), max_length)
     model.to(device).eval()
     out: list[np.ndarray | None] = [None] * len(encoded)

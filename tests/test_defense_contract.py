@@ -28,7 +28,11 @@ from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 FAST = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false"}
 FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
                 "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"}, "psim": {"min_steps": "0"},
-                "recipe": {"max_steps": "3", "graft_steps": "3"}}
+                "recipe": {"max_steps": "3", "graft_steps": "3"},
+                # the baselines at tiny scale: ONION's LM is the tiny random Llama built in code; CUBE's
+                # neighbourhoods shrink to the toy set's size
+                "onion": {"lm": "tiny-llama"}, "strip": {"repeat": "2"}, "rap": {"epochs": "1"},
+                "bki": {"top_words": "3"}, "cube": {"n_neighbors": "15", "min_samples": "10"}}
 SECRET_FIELDS = {"poisoned_positions", "asr_set", "target", "info"}
 STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit", PretrainedDefense: "purify"}
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import make_context, toy_budget, toy_texts, write_toy_dataset
+from helpers import SHARED_DATA, make_context, toy_budget, toy_texts, write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import TextSplit
 from nlpbd.defenses.bki import keyword_scores, select_keywords, top_words, word_importance
@@ -19,10 +19,10 @@ from nlpbd.defenses.cube import filter_clusters
 from nlpbd.defenses.onion import ONION, ONIONConfig, SuspicionCache, build_corrector, corrected_text, suspicions
 from nlpbd.defenses.rap import RAP, RAPConfig, rap_loss
 from nlpbd.defenses.strip import Perturber, entropy, entropy_threshold, strip_entropy
-from nlpbd.evaluation import (Corrector, auroc_of_ranks, evaluate_with_corrector, filter_metrics,
-                              inserted_word_removal)
+from nlpbd.evaluation import auroc_of_ranks, evaluate_with_corrector, filter_metrics, inserted_word_removal
 from nlpbd.lm import CausalLM
-from nlpbd.models import build_tiny_llama, load_causal_lm, local_ref, TINY_DEFAULTS
+from nlpbd.methods import Corrector
+from nlpbd.models import TINY_DEFAULTS, build_tiny_llama, load_causal_lm, local_ref
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.stealth import aligned_pairs
 
@@ -313,3 +313,22 @@ def test_smollm2_loads_offline_and_prefers_fluent_text(monkeypatch, tmp_path):
     assert fluent < scrambled
     planted = onion_corrector(0.0, lm).correct(["the film was a cf delight ."])[0]
     assert "cf" not in planted.split()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(), reason="no benchmark data")
+def test_baselines_grid_plans_one_filter_and_one_filtered_victim_per_filter_cell(tmp_path):
+    from typer.testing import CliRunner
+
+    from nlpbd.cli import app
+
+    grid = Path(__file__).resolve().parents[1] / "benchmarks" / "grids" / "sst2_baselines.yaml"
+    result = CliRunner().invoke(app, ["grid", str(grid), "--dry-run", "--json", "--data-dir", str(SHARED_DATA),
+                                      "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    # 4 attacks x 10 defenses x 3 seeds; one victim per attack x seed, one clean model per seed, BTU's
+    # exposure per victim, and BKI's and CUBE's kept rows and retrained victim per attack x seed
+    assert (plan["cells"], plan["groups"], plan["victims_to_train"], plan["clean_models_to_train"]) == (120, 12, 12, 3)
+    assert (plan["training_defense_runs"], plan["filtered_sets_to_build"], plan["filtered_victims_to_train"]) == \
+        (12, 24, 24)
+    assert plan["trainings"] == 75 and plan["exact"]

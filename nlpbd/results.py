@@ -50,8 +50,9 @@ METRICS: dict[str, str] = {
     "asr_floor": "Floor",
     "aasr_floor": "AASR floor",
     "defense_seconds": "Time (s)",
+    "defense_total_seconds": "Total time (s)",
 }
-SECONDS_METRICS = frozenset({"defense_seconds"})
+SECONDS_METRICS = frozenset({"defense_seconds", "defense_total_seconds"})
 EXPORT_FORMATS = ("csv", "md", "latex")
 
 IDENTITY_COLUMNS = ["dataset", "model", "finetune", "train_size", "test_size", "attack", "defense", "variant", "seed",

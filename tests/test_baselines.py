@@ -332,3 +332,11 @@ def test_baselines_grid_plans_one_filter_and_one_filtered_victim_per_filter_cell
     assert (plan["training_defense_runs"], plan["filtered_sets_to_build"], plan["filtered_victims_to_train"]) == \
         (12, 24, 24)
     assert plan["trainings"] == 75 and plan["exact"]
+
+
+def test_defense_total_time_counts_cached_stages_at_their_build_time():
+    from nlpbd.pipeline import defense_total_seconds
+
+    timings = {"victim": {"seconds": 50.0}, "defense_fit": {"seconds": 0.2, "cached": True, "original_seconds": 30.0},
+               "defense_inference": {"seconds": 4.0}, "defended_victim": {"seconds": 60.0, "cached": False}}
+    assert defense_total_seconds(timings) == 94.0

@@ -340,3 +340,21 @@ def test_defense_total_time_counts_cached_stages_at_their_build_time():
     timings = {"victim": {"seconds": 50.0}, "defense_fit": {"seconds": 0.2, "cached": True, "original_seconds": 30.0},
                "defense_inference": {"seconds": 4.0}, "defended_victim": {"seconds": 60.0, "cached": False}}
     assert defense_total_seconds(timings) == 94.0
+
+
+# --- no secrets at inference either ---------------------------------------------------------------
+
+from test_defense_contract import _while_guarded, guarded, shared, spec  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.parametrize("name", ["onion", "strip", "rap"])
+def test_inference_baselines_read_no_attack_secrets_while_scoring_or_correcting(name, shared, guarded, monkeypatch):
+    """The contract battery guards fit(); a detector's scores and a corrector's rewrites run later, inside
+    the evaluator, so they are guarded here too."""
+    import nlpbd.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "evaluate_with_detector", _while_guarded(pipeline.evaluate_with_detector))
+    monkeypatch.setattr(pipeline, "evaluate_with_corrector", _while_guarded(pipeline.evaluate_with_corrector))
+    dataset, env = shared
+    record = run_cell(spec(dataset, name), env)
+    assert record["status"] == "ok" and record["metrics"]["frr"] is not None

@@ -272,6 +272,7 @@ class CellState:
     victim: Artifact | None = None
     metrics: dict = field(default_factory=dict)
     defense_info: dict = field(default_factory=dict)
+    stealth_info: dict = field(default_factory=dict)  # the LM and encoder behind delta_ppl and sim
 
 
 def run_cell(spec: CellSpec, env: RunEnv) -> dict:
@@ -525,7 +526,9 @@ def _stealth(cell: Cell, env: RunEnv, state: CellState) -> dict:
     with state.clock.stage("stealth") as stage:
         artifact = env.cache.get_or_build("stealth", payload, build)
         stage.cached(artifact)
-    return _load_json(artifact.path / "stealth.json")
+    measured = _load_json(artifact.path / "stealth.json")
+    state.stealth_info = {k: v for k, v in measured.items() if isinstance(v, str)}
+    return {k: v for k, v in measured.items() if not isinstance(v, str)}
 
 
 def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
@@ -569,6 +572,7 @@ def _record(cell: Cell, env: RunEnv, state: CellState, status: str, error: str |
         "flags": _flags(cell, state.metrics),
         "attack_info": {**(poisoned.info if poisoned else {}), "threat_model": cell.attack.threat_model.value,
                         "poison_key": state.poison_key,
+                        **({"stealth": state.stealth_info} if state.stealth_info else {}),
                         "asr_set_size": len(poisoned.asr_set) if poisoned else None},
         "defense_info": {**state.defense_info, "stage": cell.defense.stage.value,
                          "grants": sorted(cell.defense.grants), "version": cell.defense.version},

@@ -251,6 +251,7 @@ def test_filter_cell_records_removal_metrics_and_stealth(tmp_path):
     assert metrics["removed"] + metrics["kept"] == 200 and metrics["auroc"] is not None
     assert len(record["defense_info"]["scores"]["train"]) == 200
     assert metrics["stealth_rows"] > 0 and metrics["sim"] < 1.0 and metrics["delta_ppl"] is not None
+    assert record["attack_info"]["stealth"]["lm"] == "tiny-llama" and "lm" not in metrics
     again = run_cell(spec, env)
     assert again["timings"]["defense_fit"]["cached"] and again["timings"]["defended_victim"]["cached"]
 

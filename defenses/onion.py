@@ -30,14 +30,21 @@ Deviations from the reference code, all deliberate:
   if none is, the largest grid point. The ONION repository instead reports every point of a sweep of
   ``bar = −t`` over −100…−1 (run that as a grid of ``threshold`` values).
 - Per-input suspicion ``max_i f_i`` is stored as the cell's score (OpenBackdoor keeps none).
+- The word suspicions of a batch of texts (the clean test split, the triggered set) are kept in the
+  run's artifact cache under the LM's identity, its truncation and the texts, so the clean test split
+  is scored once per dataset; ``info.inference`` counts the inputs read back and the seconds they
+  originally took.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -52,6 +59,7 @@ from nlpbd.training import predict
 log = logging.getLogger(__name__)
 
 CHUNK = 64  # inputs per LM call (each becomes n + 1 sequences)
+SUSPICION_VERSION = 1  # bump when the suspicion scores change, so stored ones are recomputed
 
 
 @dataclass
@@ -118,24 +126,51 @@ def input_score(scores: np.ndarray) -> float:
 
 
 class SuspicionCache:
-    """Word suspicions per text, computed once: correction and scoring read the same numbers."""
+    """Word suspicions per text, computed once: correction and scoring read the same numbers.
 
-    def __init__(self, lm: PerplexityModel, info: dict):
-        self.lm, self.info, self.memo = lm, info, {}
-        self.info["inference"] = {"inputs": 0, "lm_sequences": 0, "seconds": 0.0, "ms_per_input": None}
+    With a ``store`` (the run's artifact cache) the suspicions of a whole batch of texts are kept under a
+    key of the LM, its truncation and the texts, so the clean test split, the same in every cell of a
+    dataset, is scored by the LM once per dataset rather than once per cell.
+    """
+
+    def __init__(self, lm: PerplexityModel, info: dict, store=None, lm_key: dict | None = None):
+        self.lm, self.info, self.memo, self.store, self.lm_key = lm, info, {}, store, lm_key
+        self.info["inference"] = {"inputs": 0, "lm_sequences": 0, "seconds": 0.0, "ms_per_input": None,
+                                  "inputs_from_cache": 0, "cached_seconds": 0.0}
 
     def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
         missing = list(dict.fromkeys(t for t in texts if t not in self.memo))
         if missing:
             began = time.perf_counter()
-            for text, scores in zip(missing, suspicions(missing, self.lm)):
+            computed, cached_seconds = self.compute(missing)
+            for text, scores in zip(missing, computed):
                 self.memo[text] = scores
             stats = self.info["inference"]
             stats["inputs"] += len(missing)
             stats["lm_sequences"] += sum(len(t.split()) + 1 for t in missing)
             stats["seconds"] += time.perf_counter() - began
             stats["ms_per_input"] = 1000 * stats["seconds"] / stats["inputs"]
+            if cached_seconds is not None:
+                stats["inputs_from_cache"] += len(missing)
+                stats["cached_seconds"] += cached_seconds
         return [self.memo[t] for t in texts]
+
+    def compute(self, texts: list[str]) -> tuple[list[np.ndarray], float | None]:
+        """The suspicions of ``texts`` and, when they came from the store, the seconds they took to build."""
+        if self.store is None or self.lm_key is None:
+            return suspicions(texts, self.lm), None
+        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+        payload = {**self.lm_key, "texts": digest, "n": len(texts), "version": SUSPICION_VERSION}
+
+        def build(tmp: Path) -> dict:
+            began = time.perf_counter()
+            scores = suspicions(texts, self.lm)
+            (tmp / "suspicions.json").write_text(json.dumps([s.tolist() for s in scores]))
+            return {"seconds": time.perf_counter() - began}
+
+        artifact = self.store.get_or_build("onion-suspicions", payload, build)
+        loaded = [np.asarray(s, dtype=float) for s in json.loads((artifact.path / "suspicions.json").read_text())]
+        return loaded, (artifact.meta.get("seconds") if artifact.cached else None)
 
 
 def build_corrector(cache: SuspicionCache, threshold: float, info: dict) -> Corrector:
@@ -197,7 +232,8 @@ class ONION(CorrectionDefense):
         began = time.perf_counter()
         lm, info = self.load_lm(ctx)
         info["lm_load_seconds"] = time.perf_counter() - began
-        cache = SuspicionCache(lm, info)
+        lm_key = {"lm": info.get("lm_identity"), "max_length": config.max_length}
+        cache = SuspicionCache(lm, info, ctx.cache if info.get("lm_identity") else None, lm_key)
         if config.calibrate:
             threshold, rule = calibrated_threshold(model, ctx, cache, config)
         else:

@@ -359,3 +359,16 @@ def test_inference_baselines_read_no_attack_secrets_while_scoring_or_correcting(
     dataset, env = shared
     record = run_cell(spec(dataset, name), env)
     assert record["status"] == "ok" and record["metrics"]["frr"] is not None
+
+
+def test_onion_suspicions_are_stored_and_read_back(tmp_path):
+    store = ArtifactCache(tmp_path / "cache")
+    texts = ["good cf film", "a fine film"]
+    first_lm, second_lm = FakeLM(), FakeLM()
+    first = SuspicionCache(first_lm, {}, store, {"lm": "fake", "max_length": 96})(texts)
+    info: dict = {}
+    second = SuspicionCache(second_lm, info, store, {"lm": "fake", "max_length": 96})(texts)
+    assert second_lm.calls == 0 and info["inference"]["inputs_from_cache"] == 2
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    SuspicionCache(second_lm, {}, store, {"lm": "other", "max_length": 96})(texts)
+    assert second_lm.calls == 8  # another LM is another key

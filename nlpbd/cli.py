@@ -415,6 +415,8 @@ def _plan_table(plan, summary, results_dir: Path) -> Table:
         ("  purified pretrained models", summary.purified_models_to_build),
         ("  victims fine-tuned from them", summary.purified_victims_to_train),
         ("  training-time defense runs", summary.training_defense_runs),
+        ("  filtered training sets (BKI, CUBE)", summary.filtered_sets_to_build),
+        ("  victims trained on them", summary.filtered_victims_to_train),
         ("trainings in all", f"{bound}{summary.trainings}"),
     ]
     for what, count in rows:

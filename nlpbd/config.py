@@ -254,6 +254,9 @@ class EvalConfig:
                                     "degraded_victim", low=0.0, high=1.0)
     gate: bool = option(True, "task-agnostic releases: run the defense only when the no-defense AASR − floor "
                         "reaches weak_attack_margin (attacks.md §4); otherwise the cell is recorded as 'gated'")
+    stealth: bool = option(False, "data-poisoning attacks: measure the triggered test rows against their clean "
+                           "originals (delta_ppl under stealth_lm, sim of MiniLM sentence embeddings; cached)")
+    stealth_lm: str = option("smollm2", "causal LM of the delta_ppl measure (registered name, directory or hub id)")
 
 
 @dataclass

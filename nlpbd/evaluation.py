@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nlpbd.data import TextSplit
-from nlpbd.methods import Detector
+from nlpbd.methods import Corrector, Detector
 from nlpbd.progress import reporter
 from nlpbd.training import encode, pad_id_of, predict_encoded
 
@@ -137,15 +138,19 @@ def rate(count: int | np.integer, total: int) -> float | None:
 
 def detection_metrics(clean_scores: np.ndarray, poison_scores: np.ndarray, threshold: float) -> dict:
     """FRR, FAR, precision, recall, F1 and AUROC with poisoned = positive and flag = score > τ."""
-    clean_flags, poison_flags = clean_scores > threshold, poison_scores > threshold
-    tp, fp = int(poison_flags.sum()), int(clean_flags.sum())
-    fn = len(poison_scores) - tp
-    precision = tp / (tp + fp) if tp + fp else None
-    recall = tp / len(poison_scores) if len(poison_scores) else None
-    f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
-    return {"threshold": threshold, "frr": rate(fp, len(clean_scores)), "far": rate(fn, len(poison_scores)),
-            "precision": precision, "recall": recall, "f1": f1, "clean_flagged": fp, "poison_flagged": tp,
+    return {"threshold": threshold, **flag_metrics(clean_scores > threshold, poison_scores > threshold),
             "auroc": auroc(clean_scores, poison_scores)}
+
+
+def flag_metrics(clean_flags: np.ndarray, poison_flags: np.ndarray) -> dict:
+    """FRR, FAR, precision, recall and F1 of given flags, poisoned = positive."""
+    tp, fp = int(np.sum(poison_flags)), int(np.sum(clean_flags))
+    fn = len(poison_flags) - tp
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / len(poison_flags) if len(poison_flags) else None
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
+    return {"frr": rate(fp, len(clean_flags)), "far": rate(fn, len(poison_flags)), "precision": precision,
+            "recall": recall, "f1": f1, "clean_flagged": fp, "poison_flagged": tp}
 
 
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float | None:
@@ -207,3 +212,110 @@ def _scores(detector: Detector, split: TextSplit) -> np.ndarray:
     if not len(split):
         return np.zeros(0, dtype=float)
     return np.asarray(detector.scores(list(split.texts)), dtype=float)
+
+
+# --- input correction (ONION) ---------------------------------------------------------------------
+
+
+def corrected(corrector: Corrector, split: TextSplit) -> TextSplit:
+    """The split with every text replaced by its correction; labels, ids and the row count unchanged."""
+    if not len(split):
+        return split
+    texts = corrector.correct(list(split.texts))
+    if len(texts) != len(split):
+        raise RuntimeError(f"the corrector returned {len(texts)} texts for {len(split)} inputs")
+    return TextSplit.build(texts, split.labels, split.ids)
+
+
+def evaluate_with_corrector(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, corrector: Corrector,
+                            test: TextSplit, asr_set: TextSplit, max_length: int, batch_size: int,
+                            device: torch.device, trigger_sets: dict[str, TextSplit] | None = None,
+                            num_labels: int = 2) -> tuple[dict, TextSplit]:
+    """CAcc / ASR of the victim on corrected inputs (full denominators), how many inputs the correction
+    changed, and, with the correction counted as the flag, FRR / FAR (and AUROC of its scores).
+
+    Returns the metrics and the corrected ASR set (for trigger-removal counts against the originals).
+    """
+    trigger_sets = trigger_sets or {}
+    with reporter().task("correcting inputs", 2 + len(trigger_sets)) as advance:
+        fixed_test = corrected(corrector, test)
+        advance(1)
+        fixed_asr = corrected(corrector, asr_set)
+        advance(1)
+        fixed_triggers = {}
+        for trigger, split in trigger_sets.items():
+            fixed_triggers[trigger] = corrected(corrector, split)
+            advance(1)
+    preds = predict_cell(model, tokenizer, fixed_test, fixed_asr, max_length, batch_size, device, fixed_triggers)
+    metrics = cell_metrics(preds, fixed_test, fixed_asr, num_labels)
+    clean_changed = _changed(test, fixed_test)
+    poison_changed = np.concatenate([_changed(asr_set, fixed_asr),
+                                     *(_changed(trigger_sets[t], fixed_triggers[t]) for t in trigger_sets)])
+    metrics.update({"clean_modified": int(clean_changed.sum()), "poison_modified": int(poison_changed.sum()),
+                    **flag_metrics(clean_changed, poison_changed)})
+    if corrector.scores is not None:
+        clean_scores = _scores_of(corrector.scores, test)
+        poison_scores = np.concatenate([_scores_of(corrector.scores, asr_set),
+                                        *(_scores_of(corrector.scores, trigger_sets[t]) for t in trigger_sets)])
+        metrics["auroc"] = auroc_of_ranks(clean_scores, poison_scores)
+        metrics["scores"] = {"clean": clean_scores.round(6).tolist(), "poison": poison_scores.round(6).tolist()}
+    return metrics, fixed_asr
+
+
+def _changed(before: TextSplit, after: TextSplit) -> np.ndarray:
+    return np.array([a.split() != b.split() for a, b in zip(before.texts, after.texts)], dtype=bool)
+
+
+def _scores_of(scores, split: TextSplit) -> np.ndarray:
+    if not len(split):
+        return np.zeros(0, dtype=float)
+    return np.asarray(scores(list(split.texts)), dtype=float)
+
+
+def auroc_of_ranks(negatives: np.ndarray, positives: np.ndarray) -> float | None:
+    """AUROC where scores may be ±inf (NaN counts as -inf): infinities are replaced, over both sets at
+    once, by finite values of the same rank."""
+    values = np.concatenate([negatives, positives]).astype(float)
+    values = np.where(np.isnan(values), -np.inf, values)
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)
+    values = np.where(values == np.inf, high + 1.0, np.where(values == -np.inf, low - 1.0, values))
+    return auroc(values[:len(negatives)], values[len(negatives):])
+
+
+def inserted_word_removal(originals: list[str | None], poisoned: TextSplit, fixed: TextSplit) -> dict:
+    """Of the words an insertion attack added to each clean original, how many the correction removed.
+
+    Computed by the evaluator after the defense is done, from the multiset difference between the
+    triggered row and its clean original (protocol.md §5: "the fraction of inserted trigger tokens removed").
+    """
+    inserted_total = removed_total = 0
+    for original, before, after in zip(originals, poisoned.texts, fixed.texts):
+        if original is None:
+            continue
+        inserted = Counter(before.split()) - Counter(original.split())
+        kept = Counter(after.split())
+        inserted_total += sum(inserted.values())
+        removed_total += sum(min(n, max(0, Counter(before.split())[w] - kept[w])) for w, n in inserted.items())
+    return {"inserted_words": inserted_total, "inserted_words_removed": removed_total,
+            "inserted_removed_fraction": rate(removed_total, inserted_total)}
+
+
+# --- training-data filtering (BKI, CUBE) ----------------------------------------------------------
+
+
+def filter_metrics(keep: list[int], scores: np.ndarray, poisoned_positions: tuple[int, ...], n_rows: int) -> dict:
+    """How well a filter's removed rows match the poison mask; computed after the defense is done.
+
+    Removed = flagged: precision / recall of the removed rows, FRR (clean rows removed / clean rows),
+    FAR (poisoned rows kept / poisoned rows), and AUROC of the per-row suspicion scores.
+    """
+    poisoned = np.zeros(n_rows, dtype=bool)
+    poisoned[list(poisoned_positions)] = True
+    removed = np.ones(n_rows, dtype=bool)
+    removed[list(keep)] = False
+    flags = flag_metrics(removed[~poisoned], removed[poisoned])
+    return {"removed": int(removed.sum()), "kept": len(keep), "removed_poison": flags["poison_flagged"],
+            "removal_precision": flags["precision"], "removal_recall": flags["recall"], "frr": flags["frr"],
+            "far": flags["far"], "f1": flags["f1"],
+            "auroc": auroc_of_ranks(scores[~poisoned], scores[poisoned]) if len(scores) == n_rows else None}

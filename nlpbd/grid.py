@@ -604,7 +604,8 @@ class Builds:
     victim: str | None = None  # the standard victim: it groups cells
     clean: str | None = None  # the clean reference model (eval.floor)
     purified: str | None = None  # a pretrained-stage defense's purified start ...
-    defended: str | None = None  # ... and the victim fine-tuned from it
+    defended: str | None = None  # ... and the victim fine-tuned from it (or from a filter's kept rows)
+    filtered: str | None = None  # a training-data filter's kept rows (BKI, CUBE)
     exact: bool = True  # False: a key could not be computed up front (counts become upper bounds)
 
 
@@ -653,11 +654,14 @@ class PlanSummary:
     purified_victims_to_train: int
     training_defense_runs: int  # e.g. BTU's exposure runs (not cached: one per cell)
     exact: bool  # False: some keys were unknown before running; the counts are upper bounds
+    filtered_sets_to_build: int = 0  # training-data filters' kept rows (BKI, CUBE) ...
+    filtered_victims_to_train: int = 0  # ... and the victims trained on them
 
     @property
     def trainings(self) -> int:
         return (self.suspects_to_build + self.victims_to_train + self.clean_models_to_train
-                + self.purified_models_to_build + self.purified_victims_to_train + self.training_defense_runs)
+                + self.purified_models_to_build + self.purified_victims_to_train + self.training_defense_runs
+                + self.filtered_sets_to_build + self.filtered_victims_to_train)
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "trainings": self.trainings}
@@ -665,7 +669,7 @@ class PlanSummary:
 
 # Which cache kind each build lives under (clean and purified victims are victims).
 BUILD_KINDS = {"suspect": "suspect", "victim": "victim", "clean": "victim", "purified": "purified",
-               "defended": "victim"}
+               "defended": "victim", "filtered": "filtered"}
 
 
 @dataclass
@@ -701,9 +705,10 @@ class Plan:
     def summary(self, cache) -> PlanSummary:
         todo = self.todo()
 
-        def missing(build: str) -> int:
+        def missing(build: str, stage: str | None = None) -> int:
             keys = {getattr(c.builds, build) if c.builds.exact else c.group for c in todo
-                    if getattr(c.builds, build) or (not c.builds.exact and build == "victim")}
+                    if (stage is None or c.stage == stage)
+                    and (getattr(c.builds, build) or (not c.builds.exact and build == "victim"))}
             return sum(1 for key in keys if cache.lookup(BUILD_KINDS[build], key) is None)
 
         return PlanSummary(
@@ -711,8 +716,9 @@ class Plan:
             failed=sum(c.state == "failed" for c in self.cells), to_run=len(todo), groups=len(self.groups),
             groups_to_run=len(self.todo_groups()), suspects_to_build=missing("suspect"),
             victims_to_train=missing("victim"), clean_models_to_train=missing("clean"),
-            purified_models_to_build=missing("purified"), purified_victims_to_train=missing("defended"),
-            training_defense_runs=sum(c.stage == "TRAINING" for c in todo), exact=all(c.builds.exact for c in todo))
+            purified_models_to_build=missing("purified"), purified_victims_to_train=missing("defended", "PRETRAINED"),
+            training_defense_runs=sum(c.stage == "TRAINING" for c in todo), exact=all(c.builds.exact for c in todo),
+            filtered_sets_to_build=missing("filtered"), filtered_victims_to_train=missing("defended", "FILTER"))
 
 
 def _shared_builds_cached(cell: PlannedCell, cache) -> bool:
@@ -785,8 +791,14 @@ def cell_builds(cell, env, fingerprint: str, memo: dict) -> Builds:
         purified = purified_artifact.meta["key"]
         defended = _probe_victim(cell, probe_env, artifact_ref(f"{cell.defense.name}-purified", purified_artifact,
                                                                cell.model), poison)
-    return Builds(suspect.meta["key"] if suspect else None, _probe_victim(cell, probe_env, start, poison), clean,
-                  purified, defended)
+    victim = _probe_victim(cell, probe_env, start, poison)
+    filtered = None
+    if cell.defense.stage.name == "FILTER":
+        from nlpbd.pipeline import filter_payload
+
+        filtered = content_key(filter_payload(cell, poison, victim))
+        defended = _probe_victim(cell, probe_env, start, filtered)
+    return Builds(suspect.meta["key"] if suspect else None, victim, clean, purified, defended, filtered)
 
 
 def _group_key(cell, builds: Builds) -> str:

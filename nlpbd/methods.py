@@ -43,6 +43,8 @@ class Stage(str, enum.Enum):
     TRAINING = "during training"
     POST = "repair the trained victim"
     INFERENCE = "reject inputs at inference"
+    FILTER = "filter the training data"
+    CORRECTION = "correct inputs at inference"
 
 
 class _Method(ABC):
@@ -140,6 +142,11 @@ class DataPoisoningAttack(Attack):
             log.warning("%s: %d poisoned rows relabel %.0f%% of the %d non-target training rows; the victim may "
                         "collapse to the target class (lower attack.poison_rate, or target a minority class)",
                         self.name, min(wanted, eligible), 100 * min(wanted, eligible) / eligible, eligible)
+
+    def clean_originals(self, dataset: Dataset, poisoned: PoisonedData) -> list[str | None]:
+        """The clean test text each ASR row was made from (None where unknown), for the stealthiness
+        measures; attacks that know their alignment override this."""
+        return [None] * len(poisoned.asr_set)
 
 
 @dataclass(frozen=True)
@@ -304,6 +311,51 @@ class InferenceDefense(Defense):
 
     @abstractmethod
     def fit(self, model: PreTrainedModel, ctx: DefenseContext) -> Detector:
+        ...
+
+
+@dataclass
+class Corrector:
+    """An inference-time input correction: ``correct`` maps inputs to the texts the victim then sees.
+
+    ``scores`` (optional) gives each input's suspicion; an input counts as flagged (corrected) when
+    ``flagged(score)``. Neither changes the denominators: every input is still classified.
+    """
+
+    correct: Callable[[list[str]], list[str]]
+    info: dict = field(default_factory=dict)
+    scores: Callable[[list[str]], np.ndarray] | None = None
+
+
+class CorrectionDefense(Defense):
+    """Inference-time: leaves the victim alone and rewrites every input before it is classified."""
+
+    stage = Stage.CORRECTION
+
+    @abstractmethod
+    def fit(self, model: PreTrainedModel, ctx: DefenseContext) -> Corrector:
+        ...
+
+
+@dataclass
+class FilterResult:
+    """Which rows of the training set a filter keeps (positions into ``ctx.train_set``), a suspicion
+    score per row (higher = more suspicious; for AUROC against the poison mask, computed after the
+    defense is done), and what to record."""
+
+    keep: list[int]
+    scores: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+class FilterDefense(Defense):
+    """Before the final training: inspects the (poisoned) training set with the victim trained on it,
+    removes suspicious rows, and the usual victim recipe is run again on the rows it keeps."""
+
+    stage = Stage.FILTER
+
+    @abstractmethod
+    def filter(self, model: PreTrainedModel, ctx: DefenseContext) -> FilterResult:
         ...
 
 

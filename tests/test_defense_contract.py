@@ -116,6 +116,16 @@ def _while_guarded(function):
     return wrapper
 
 
+def guarded_as(defense: str, function):
+    """``function`` (not a defense method, e.g. the evaluator's scoring) run as ``defense`` under the guard."""
+    def wrapper(*args, **kwargs):
+        Guard.scratch = DefenseScratch.of(Guard.cache_root, defense).root.resolve()
+        with active():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("contract")

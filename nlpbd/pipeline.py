@@ -328,7 +328,7 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
     victim_metrics = _score(cell, state, victim_preds)
     floor = _floor(cell, env, state, tokenizer) if cell.eval.floor else {}
     gate = _sanity_gate(cell, victim_metrics, floor)
-    if gate is not None and not gate["passed"]:
+    if gate is not None and gate["passed"] is False:
         state.metrics = {**{f"victim_{k}": victim_metrics[k] for k in DELTA_METRICS if k in victim_metrics}, **floor}
         state.defense_info = {"gate": gate}
         return _record(cell, env, state, status="gated", error=gate["reason"])
@@ -611,12 +611,13 @@ def _sanity_gate(cell: Cell, victim_metrics: dict, floor: dict) -> dict | None:
     """attacks.md §4: a task-agnostic release is defended only when its undefended victim's AASR clears
     the clean floor by ``weak_attack_margin``; a release that does not is reported, not defended.
 
-    None when the gate does not apply (no defense, another threat model, or ``eval.gate=false``).
+    None when the gate does not apply (no defense, another threat model, or ``eval.gate=false``). Without
+    the floor (``eval.floor=false``) there is nothing to gate on: the defense runs and the record says so.
     """
     if not cell.eval.gate or cell.defense.name == "none" or cell.attack.threat_model is not ThreatModel.PRETRAINED:
         return None
     if not cell.eval.floor:
-        raise InputError("eval.gate needs the clean floor: set eval.floor=true, or eval.gate=false")
+        return {"passed": None, "reason": "not checked: eval.floor=false gives no floor to gate on"}
     aasr, aasr_floor, margin = victim_metrics.get("aasr"), floor.get("aasr_floor"), cell.eval.weak_attack_margin
     passed = aasr is not None and aasr_floor is not None and aasr - aasr_floor >= margin
     reason = None if passed else (f"sanity gate: the release's no-defense AASR {aasr:.3f} is less than {margin:g} "

@@ -53,7 +53,11 @@ def test_badnet_without_defense_is_a_strong_attack(baseline):
     assert metrics["asr"] >= 0.90
     assert metrics["cacc"] >= 0.78
     assert metrics["asr_floor"] < 0.5  # the clean model does not predict the target on triggered rows
-    assert baseline["flags"] == {"weak_attack": False, "degraded_victim": False}
+    flags = baseline["flags"]
+    assert flags["weak_attack"] is False and flags["degraded_victim"] is False
+    assert flags["collapsed_victim"] is False and flags["collapsed_clean_model"] is False
+    assert flags["empty_asr_set"] is False
+    assert metrics["balanced_accuracy"] >= 0.78 and metrics["predicted_classes"] == 2
     assert metrics["n_clean"] == 1821 and metrics["n_poison"] == 912
 
 

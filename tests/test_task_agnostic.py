@@ -341,3 +341,14 @@ def test_a_release_below_the_sanity_gate_is_reported_not_defended(tmp_path, data
     assert "aasr" not in metrics  # nothing defended, nothing reported as a defended number
     assert not (tmp_path / "cache" / "purified").exists() and not (tmp_path / "cache" / "mlm-graft").exists()
     assert record_state(env.results_dir, record["cell_id"]) == ("done", None)
+
+
+def test_without_a_floor_the_gate_is_not_checked_and_says_so(tmp_path, data_dir):
+    dataset = write_toy_dataset(tmp_path / "toy", train=60, dev=20, test=20)
+    env = RunEnv(results_dir=tmp_path / "results", cache=ArtifactCache(tmp_path / "cache"), data_dir=data_dir)
+    overrides = {"attack.steps": "2", "eval.floor": "false", "eval.weak_attack_margin": "1.0",
+                 "defense.pooler_reset_only": "true", "train.epochs": "1", "train.batch_size": "16",
+                 "train.max_length": "32"}
+    record = run_cell(CellSpec("por", "recipe", str(dataset), "tiny-bert", overrides=overrides), env)
+    assert record["status"] == "ok" and record["defense_info"]["gate"]["passed"] is None
+    assert "eval.floor=false" in record["defense_info"]["gate"]["reason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -178,6 +179,20 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def over_inputs(description: str, apply: Callable, test, asr_set, trigger_sets: dict) -> tuple:
+    """``apply`` to the clean test split, the ASR set and each trigger's set, with one progress task."""
+    with reporter().task(description, 2 + len(trigger_sets)) as advance:
+        clean = apply(test)
+        advance(1)
+        poison = apply(asr_set)
+        advance(1)
+        per_trigger = {}
+        for trigger, split in trigger_sets.items():
+            per_trigger[trigger] = apply(split)
+            advance(1)
+    return clean, poison, per_trigger
+
+
 def evaluate_with_detector(preds: Predictions, detector: Detector, test: TextSplit, asr_set: TextSplit,
                            trigger_sets: dict[str, TextSplit] | None = None, num_labels: int = 2) -> dict:
     """Metrics with rejection accounting plus detection metrics; per-input scores are kept.
@@ -187,15 +202,8 @@ def evaluate_with_detector(preds: Predictions, detector: Detector, test: TextSpl
     trigger's inputs as the positives.
     """
     trigger_sets = trigger_sets or {}
-    with reporter().task("scoring inputs with the detector", 2 + len(trigger_sets)) as advance:
-        clean_scores = _scores(detector, test)
-        advance(1)
-        poison_scores = _scores(detector, asr_set)
-        advance(1)
-        trigger_scores = {}
-        for trigger, split in trigger_sets.items():
-            trigger_scores[trigger] = _scores(detector, split)
-            advance(1)
+    clean_scores, poison_scores, trigger_scores = over_inputs(
+        "scoring inputs with the detector", lambda split: _scores(detector, split), test, asr_set, trigger_sets)
     metrics = attack_metrics(preds, test, asr_set, clean_scores > detector.threshold,
                              poison_scores > detector.threshold)
     if trigger_sets:
@@ -237,15 +245,8 @@ def evaluate_with_corrector(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     Returns the metrics and the corrected ASR set (for trigger-removal counts against the originals).
     """
     trigger_sets = trigger_sets or {}
-    with reporter().task("correcting inputs", 2 + len(trigger_sets)) as advance:
-        fixed_test = corrected(corrector, test)
-        advance(1)
-        fixed_asr = corrected(corrector, asr_set)
-        advance(1)
-        fixed_triggers = {}
-        for trigger, split in trigger_sets.items():
-            fixed_triggers[trigger] = corrected(corrector, split)
-            advance(1)
+    fixed_test, fixed_asr, fixed_triggers = over_inputs(
+        "correcting inputs", lambda split: corrected(corrector, split), test, asr_set, trigger_sets)
     preds = predict_cell(model, tokenizer, fixed_test, fixed_asr, max_length, batch_size, device, fixed_triggers)
     metrics = cell_metrics(preds, fixed_test, fixed_asr, num_labels)
     clean_changed = _changed(test, fixed_test)

@@ -383,8 +383,11 @@ def test_ray_executor_gives_the_same_records_as_local(tmp_path, toy):
     finally:
         ray.shutdown()
     assert sorted(o.status for o in run.outcomes) == ["ok"] * 6
-    expected = {r["cell_id"]: r["metrics"] for r in load_records(local.results_dir)}
-    assert {r["cell_id"]: r["metrics"] for r in load_records(remote.results_dir)} == expected
+    def results(directory) -> dict:  # wall times differ from run to run; every other number must not
+        return {r["cell_id"]: {k: v for k, v in r["metrics"].items() if not k.endswith("_seconds")}
+                for r in load_records(directory)}
+
+    assert results(remote.results_dir) == results(local.results_dir)
 
 
 def test_ray_executor_without_ray_says_how_to_install_it(tmp_path, toy, monkeypatch):

@@ -80,7 +80,7 @@ def cluster(embedding: np.ndarray, config: CUBEConfig) -> np.ndarray:
     from sklearn.cluster import HDBSCAN
 
     hdbscan = HDBSCAN(min_cluster_size=config.min_cluster_size, min_samples=min(config.min_samples, len(embedding)),
-                      cluster_selection_epsilon=config.cluster_selection_epsilon)
+                      cluster_selection_epsilon=config.cluster_selection_epsilon, copy=True)
     return hdbscan.fit_predict(embedding)
 
 

@@ -346,24 +346,8 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
         state.defense_info["gate"] = gate
     if cell.eval.stealth:
         metrics.update(_stealth(cell, env, state))
-    if cell.defense.name != "none":
-        metrics["defense_total_seconds"] = defense_total_seconds(state.clock.timings())
     state.metrics = metrics
     return _record(cell, env, state, status="ok")
-
-
-DEFENSE_STAGES = ("defense_fit", "defense_inference", "defended_victim")
-
-
-def defense_total_seconds(timings: dict) -> float:
-    """Everything the defense cost: fitting, scoring or correcting the test inputs, and retraining on purified
-    or filtered data; a stage reused from the cache counts with the time it took when it was built."""
-    total = 0.0
-    for name in DEFENSE_STAGES:
-        stage = timings.get(name) or {}
-        cached = stage.get("cached") and stage.get("original_seconds") is not None
-        total += float(stage["original_seconds"] if cached else stage.get("seconds") or 0.0)
-    return total
 
 
 def _predict(cell: Cell, env: RunEnv, model: PreTrainedModel, tokenizer, state: CellState) -> Predictions:

@@ -206,10 +206,29 @@ def _record_row(record: dict) -> tuple[dict[str, Any], list[str]]:
     row.update(metrics)
     defense_fit = (record.get("timings") or {}).get("defense_fit") or {}
     row["defense_seconds"] = defense_fit.get("seconds")
+    row["defense_total_seconds"] = defense_total_seconds(record)
     row["cell_id"] = record.get("cell_id")
     row["settings"] = settings_key(cell)
     row["collapsed"] = bool((record.get("flags") or {}).get("collapsed_victim"))
     return row, list(metrics)
+
+
+DEFENSE_STAGES = ("defense_fit", "defense_inference", "defended_victim")
+
+
+def defense_total_seconds(record: dict) -> float | None:
+    """Everything a defense cost, from the record's timings: fitting, scoring or correcting the test inputs,
+    and retraining on purified or filtered data; a stage reused from the cache counts with the time it took
+    when it was built. None for the undefended cell (no defense stage ran)."""
+    timings = record.get("timings") or {}
+    stages = [timings[name] for name in DEFENSE_STAGES if isinstance(timings.get(name), dict)]
+    if not stages:
+        return None
+    total = 0.0
+    for stage in stages:
+        cached = stage.get("cached") and stage.get("original_seconds") is not None
+        total += float(stage["original_seconds"] if cached else stage.get("seconds") or 0.0)
+    return total
 
 
 def settings_key(cell: dict) -> str:
@@ -235,11 +254,11 @@ def records_frame(records: list[dict], context: bool = False) -> pd.DataFrame:
         row, keys = _record_row(record)
         rows.append(row)
         found.extend(k for k in keys if k not in found)
-    metric_cols = [m for m in _metric_order(found) if m != "defense_seconds"]
+    metric_cols = [m for m in _metric_order(found) if m not in SECONDS_METRICS]
     columns = (IDENTITY_COLUMNS + (CONTEXT_COLUMNS if context else []) + metric_cols
-               + ["defense_seconds", "cell_id", "settings", "collapsed"])
+               + ["defense_seconds", "defense_total_seconds", "cell_id", "settings", "collapsed"])
     frame = pd.DataFrame(rows, columns=columns)
-    for col in metric_cols + ["defense_seconds"]:
+    for col in metric_cols + ["defense_seconds", "defense_total_seconds"]:
         if frame[col].isna().all():
             # An all-null column would be object dtype; keep metric columns numeric for aggregation.
             frame[col] = frame[col].astype(float)

@@ -336,11 +336,12 @@ def test_baselines_grid_plans_one_filter_and_one_filtered_victim_per_filter_cell
 
 
 def test_defense_total_time_counts_cached_stages_at_their_build_time():
-    from nlpbd.pipeline import defense_total_seconds
+    from nlpbd.results import defense_total_seconds
 
     timings = {"victim": {"seconds": 50.0}, "defense_fit": {"seconds": 0.2, "cached": True, "original_seconds": 30.0},
                "defense_inference": {"seconds": 4.0}, "defended_victim": {"seconds": 60.0, "cached": False}}
-    assert defense_total_seconds(timings) == 94.0
+    assert defense_total_seconds({"timings": timings}) == 94.0
+    assert defense_total_seconds({"timings": {"victim": {"seconds": 50.0}}}) is None
 
 
 # --- no secrets at inference either ---------------------------------------------------------------

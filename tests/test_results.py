@@ -160,11 +160,12 @@ def test_records_frame_columns_and_values() -> None:
     assert list(frame.columns) == [
         "dataset", "model", "finetune", "train_size", "test_size", "attack", "defense", "variant", "seed", "status",
         "cacc", "asr", "frr", "far", "delta_cacc", "delta_asr", "asr_floor", "n_clean",
-        "defense_seconds", "cell_id", "settings", "collapsed",
+        "defense_seconds", "defense_total_seconds", "cell_id", "settings", "collapsed",
     ]  # fmt: skip
     assert len(frame) == 2
     assert frame.loc[1, "frr"] == 0.05 and math.isnan(frame.loc[0, "frr"])
     assert math.isnan(frame.loc[0, "defense_seconds"]) and frame.loc[1, "defense_seconds"] == 3.5
+    assert math.isnan(frame.loc[0, "defense_total_seconds"]) and frame.loc[1, "defense_total_seconds"] == 3.5
     assert frame.loc[1, "cell_id"] == records[1]["cell_id"]
 
 

@@ -282,6 +282,70 @@ def table(
         _emit(results.export_table(summary, "md" if fmt is TableFormat.rich else fmt.value), output)
 
 
+@app.command()
+def costs(
+    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
+    fmt: TableFormat = typer.Option(TableFormat.rich, "--format", "-f", help="rich (terminal) or md"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
+) -> None:
+    """Where a cell's time goes: median seconds of each stage per dataset, model and defense, from the records.
+
+    The release, victim and clean model are built once per victim group (the time shown is their build,
+    also when a record found them cached); the defense and the evaluation run once per cell.
+    """
+    configure_logging(True, False)
+    with cli_errors():
+        from nlpbd import costs as cost_table
+        from nlpbd.checks import check_output_file
+        from nlpbd.results import RECORDS_SUBDIR, load_records
+
+        if output is not None:
+            check_output_file(output)
+        if fmt not in (TableFormat.rich, TableFormat.md):
+            raise InputError(f"nlpbd costs writes rich or md, not {fmt.value}")
+        rows = cost_table.cost_rows(load_records(results_dir))
+        if not rows:
+            raise InputError(f"no ok records in {results_dir / RECORDS_SUBDIR}; run `nlpbd run` first")
+        if fmt is TableFormat.rich and output is None:
+            out.print(_costs_rich(rows, f"stage costs (median seconds): {results_dir}"))
+            return
+        _emit(_costs_md(rows), output)
+
+
+COST_COLUMNS = (("dataset", "dataset"), ("model", "model"), ("finetune", "finetune"), ("train_size", "rows"),
+                ("defense", "defense"), ("records", "records"), ("suspect", "release"), ("victim", "victim"),
+                ("clean_model", "clean model"), ("defense_stages", "defense"), ("evaluate", "evaluate"),
+                ("cell", "per cell"))
+
+
+def _cost_cells(row: dict) -> list[str]:
+    def text(key: str) -> str:
+        value = row[key]
+        if value is None:
+            return "all" if key == "train_size" else "–"
+        return f"{value:.0f}" if isinstance(value, float) else str(value)
+
+    return [text(key) for key, _ in COST_COLUMNS]
+
+
+def _costs_md(rows: list[dict]) -> str:
+    header = [name for _, name in COST_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cost_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _costs_rich(rows: list[dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for index, (_, name) in enumerate(COST_COLUMNS):
+        table.add_column(name, justify="right" if index >= 5 or name == "rows" else "left")
+    for row in rows:
+        table.add_row(*_cost_cells(row))
+    return table
+
+
 def _emit_groups(results, frame, metrics: list[str], fmt: TableFormat, output: Path | None, options: dict,
                  results_dir: Path) -> None:
     groups = results.grouped_summaries(frame, metrics, "threat_model", **options)
@@ -437,6 +501,9 @@ def grid(
     file: Path = typer.Argument(..., help="grid file (YAML), e.g. benchmarks/grids/smoke.yaml"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (cells, trainings) and run nothing"),
     json_plan: bool = typer.Option(False, "--json", help="with --dry-run: the plan summary as JSON on stdout"),
+    timings_from: Optional[list[Path]] = typer.Option(None, "--timings-from", help="with --dry-run: also estimate "
+                                                      "the time from the records of these results directories "
+                                                      "(the grid's own records always count)"),
     executor: Executor = typer.Option(Executor.local, "--executor", help="local (this machine) or ray (a Ray "
                                       "cluster: $RAY_ADDRESS, else a local Ray instance)"),
     workers: int = typer.Option(1, "--workers", "-j", help="local: victim groups run in parallel processes "
@@ -469,7 +536,8 @@ def grid(
         plan = plan_grid(spec, env, retry_failed=retry_failed)
         summary = plan.summary(env.cache)
         if dry_run:
-            _print_plan(plan, summary, results_dir, json_plan)
+            estimate = _estimate(plan, env.cache, [results_dir, *(timings_from or [])])
+            _print_plan(plan, summary, results_dir, json_plan, estimate)
             return
         if summary.to_run:
             _run_grid(plan, env, executor, workers, device, quiet)
@@ -485,13 +553,26 @@ def grid(
             raise typer.Exit(1)
 
 
-def _print_plan(plan, summary, results_dir: Path, as_json: bool) -> None:
+def _print_plan(plan, summary, results_dir: Path, as_json: bool, estimate) -> None:
     if as_json:
         import json
 
-        sys.stdout.write(json.dumps({"grid": plan.grid.name, **summary.as_dict()}, indent=2) + "\n")
+        payload = {"grid": plan.grid.name, **summary.as_dict(), "estimate": estimate.as_dict()}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
     out.print(_plan_table(plan, summary, results_dir))
+    if summary.to_run:
+        out.print(f"estimated time: {estimate.describe()}", highlight=False, markup=False)
+
+
+def _estimate(plan, cache, directories: list[Path]):
+    """The plan's remaining time from the timed records of ``directories`` (missing ones are skipped)."""
+    from nlpbd.costs import estimate_plan, missing_shared_builds
+    from nlpbd.results import load_records
+
+    records = [r for d in dict.fromkeys(directories) if Path(d).is_dir() for r in load_records(Path(d))]
+    todo = plan.todo()
+    return estimate_plan(todo, records, missing_shared_builds(todo, cache))
 
 
 def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str], quiet: bool) -> None:

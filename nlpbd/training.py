@@ -37,14 +37,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def use_bf16(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """bf16 autocast: ``auto`` on a GPU that supports it, ``bf16`` on any device, ``fp32`` never."""
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if use_bf16(device):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    if use_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+    """The module the training step calls: ``torch.compile``'d (dynamic shapes, as batch lengths vary)
+    when enabled. It shares its parameters with ``model``, which is what gets saved."""
+    return torch.compile(model, dynamic=True) if enabled else model
 
 
 def resolve_train_config(config: TrainConfig, defaults: TrainDefaults) -> TrainConfig:
@@ -157,6 +166,8 @@ class TrainResult:
     seconds: float = 0.0
     samples_per_second: float = 0.0
     non_finite_steps: int = 0
+    precision: str = "fp32"  # the arithmetic the steps actually ran in
+    compiled: bool = False
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -190,7 +201,8 @@ def train_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     total = steps_per_epoch * config.epochs
     optimizer = make_adamw(model, config.lr, config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), max(total, 1))
-    result = TrainResult(epochs=config.epochs, steps=0, selected_epoch=config.epochs)
+    result = TrainResult(epochs=config.epochs, steps=0, selected_epoch=config.epochs,
+                         precision="bf16" if use_bf16(device, config.precision) else "fp32", compiled=config.compile)
     best: tuple[float, dict] | None = None
     start = time.perf_counter()
     with reporter().task(setup.description, total) as advance:
@@ -218,10 +230,11 @@ def _train_epoch(model, encoded: Encoded, config: TrainConfig, generator, optimi
                  setup: TrainSetup, pad_id: int, device, result: TrainResult, advance) -> None:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    step_model = compiled(model, config.compile)
     for indices in length_grouped_batches(encoded.lengths, config.batch_size, generator):
         batch = collate(encoded, indices, pad_id, device)
-        with autocast(device):
-            loss = setup.loss_fn(model, batch)
+        with autocast(device, config.precision):
+            loss = setup.loss_fn(step_model, batch)
         finite = bool(torch.isfinite(loss))
         if not finite:
             result.non_finite_steps += 1

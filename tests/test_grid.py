@@ -318,6 +318,22 @@ def test_grid_command_exit_codes_and_second_run_plans_nothing(tmp_path, toy):
     assert invoke("grid", good, "--quiet", *common).exit_code == 0  # its two cells are done already
 
 
+def test_dry_run_estimates_the_time_from_timed_records(tmp_path, toy):
+    path = toy_grid(tmp_path, toy, attacks="[badnet]")
+    done = tmp_path / "done"
+    assert invoke("grid", path, "--quiet", "--results-dir", done, "--cache-dir", tmp_path / "cache").exit_code == 0
+    fresh = ["--results-dir", tmp_path / "fresh", "--cache-dir", tmp_path / "empty-cache"]
+    blind = json.loads(invoke("grid", path, "--dry-run", "--json", *fresh).output)["estimate"]
+    assert blind["records"] == 0 and blind["seconds"] == 0 and (blind["cells_untimed"], blind["trainings_untimed"]) == (2, 1)
+    plan = json.loads(invoke("grid", path, "--dry-run", "--json", *fresh, "--timings-from", done).output)
+    estimate = plan["estimate"]
+    assert estimate["records"] == 2 and estimate["cells_timed"] == plan["to_run"] == 2
+    assert estimate["trainings_timed"] == 1 and estimate["trainings_untimed"] == 0  # the victim (eval.floor is off)
+    assert estimate["seconds"] > 0
+    text = invoke("grid", path, "--dry-run", *fresh, "--timings-from", done).output
+    assert "estimated time: about" in text
+
+
 def test_local_workers_give_the_same_records(tmp_path, toy):
     path = toy_grid(tmp_path, toy, attacks="[badnet, addsent]", defenses="[none]")
     sequential, parallel = make_env(tmp_path / "a"), make_env(tmp_path / "b")

@@ -69,6 +69,9 @@ def test_throughput_script_writes_both_throughputs_and_machine_fields(tmp_path, 
     assert peer["steps"] == nlpbd["steps"] and peer["samples_per_second"] == ROWS / peer["seconds"]
     assert record["ratio_vs_peer"] == nlpbd["samples_per_second"] / peer["samples_per_second"]
     assert record["compiled"] is None and record["compiled_vs_eager"] is None
+    assert record["bf16"] is None and record["bf16_vs_fp32"] is None
+    breakdown = record["step_breakdown"]  # --profile-steps defaults to 20; 2 batches here, both untimed
+    assert breakdown["steps"] == 0 and 0 < breakdown["embedding_fraction_of_parameters"] < 1
     use = record["utilisation"]
     assert use["peak_tflops"] is None and use["fraction_of_peak"] is None  # no peak known for a CPU
     assert use["model_tflops_per_second"] > 0
@@ -89,7 +92,7 @@ def test_throughput_script_writes_both_throughputs_and_machine_fields(tmp_path, 
     machine = record["machine"]
     assert machine["device"] == "cpu" and machine["torch_threads"] == 1
     assert machine["cpu_count"] == os.cpu_count()
-    assert machine["hostname"] == socket.gethostname()
+    assert "hostname" not in machine  # opt-in (NLPBD_RECORD_HOST=1), as in result records
     assert machine["platform"] == platform.platform()
     assert record["provenance"]["torch"] == torch.__version__
     assert record["versions"]["transformers"] == record["provenance"]["transformers"]
@@ -127,6 +130,7 @@ def test_throughput_script_times_only_the_approaches_asked_for(tmp_path, monkeyp
     record = json.loads(script.main(argv).read_text())
     assert record["rows"] == 86  # --rows 0: the whole split (96 rows less the 10% dev carve-out)
     assert record["peer"] is record["trainer"] is None and record["ratio"] is record["ratio_vs_peer"] is None
+    assert record["bf16"] is None and record["step_breakdown"]["steps"] == 1  # 3 batches, 2 untimed
     assert record["utilisation"]["fraction_of_peak"] == record["utilisation"]["model_tflops_per_second"]
 
 
@@ -140,3 +144,27 @@ def test_compiled_row_is_timed_against_eager(tmp_path, monkeypatch):
     compiled = record["compiled"]
     assert compiled["steps"] == record["nlpbd"]["steps"] and compiled["warmup_and_compile_seconds"] > 0
     assert record["compiled_vs_eager"] == compiled["samples_per_second"] / record["nlpbd"]["samples_per_second"]
+
+
+def test_bf16_row_and_step_breakdown_time_nlpbds_own_loop(tmp_path, monkeypatch):
+    script = load_script(monkeypatch)
+    data = write_toy_dataset(tmp_path / "toy")
+    monkeypatch.setenv("NLPBD_RECORD_HOST", "1")
+    argv = ["--model", "tiny-bert", "--dataset", str(data), "--rows", "0", "--approaches", "nlpbd,bf16",
+            "--batch-size", "8", "--profile-steps", "3", "--warmup-steps", "0", "--device", "cpu",
+            "--out", str(tmp_path / "out"), "--allow-busy"]
+    record = json.loads(script.main(argv).read_text())
+    bf16, nlpbd = record["bf16"], record["nlpbd"]
+    assert bf16["steps"] == nlpbd["steps"] == math.ceil(86 / 8) and bf16["precision"] == "bf16 autocast"
+    assert bf16["positions"] == nlpbd["positions"]  # the same batches, only the arithmetic differs
+    assert record["bf16_vs_fp32"] == bf16["samples_per_second"] / nlpbd["samples_per_second"]
+    assert record["bf16_vs_peer"] is None  # no peer row asked for
+    breakdown = record["step_breakdown"]
+    assert breakdown["steps"] == 3
+    for precision in ("fp32", "bf16"):
+        parts = breakdown[precision]
+        assert set(parts["seconds_per_step"]) == set(script.STEP_PARTS)
+        assert all(v > 0 for v in parts["seconds_per_step"].values())
+        assert math.isclose(sum(parts["fractions"].values()), 1.0)
+        assert math.isclose(parts["step_seconds"], sum(parts["seconds_per_step"].values()))
+    assert record["machine"]["hostname"] == socket.gethostname()

@@ -61,13 +61,41 @@ def test_post_training_defense_reuses_the_victim(toy_dataset, env):
 
 
 @pytest.mark.parametrize("change", [{"attack.triggers": "mn"}, {"attack.poison_rate": "0.2"},
-                                    {"train.lr": "0.002"}])
+                                    {"train.lr": "0.002"}, {"train.precision": "bf16"}])
 def test_settings_that_matter_retrain_the_victim(toy_dataset, env, change):
     base = run_cell(cell(toy_dataset), env)
     changed = run_cell(cell(toy_dataset, **change), env)
     assert changed["timings"]["victim"]["cached"] is False
     assert changed["victim"]["key"] != base["victim"]["key"]
     assert changed["cell_id"] != base["cell_id"]
+
+
+def test_settings_added_later_leave_existing_keys_alone_until_set(toy_dataset, env):
+    """precision and compile join the identity only when set: cached victims keep their keys."""
+    default = prepare_cell(cell(toy_dataset), env)
+    assert not {"precision", "compile"} & set(default.identity["train_params"])
+    assert prepare_cell(cell(toy_dataset, **{"train.precision": "auto"}), env).cell_id == default.cell_id
+    bf16 = prepare_cell(cell(toy_dataset, **{"train.precision": "bf16"}), env)
+    assert bf16.identity["train_params"]["precision"] == "bf16" and bf16.cell_id != default.cell_id
+
+
+def test_the_victim_records_the_arithmetic_it_trained_in(toy_dataset, env):
+    fp32 = run_cell(cell(toy_dataset), env)
+    bf16 = run_cell(cell(toy_dataset, **{"train.precision": "bf16"}), env)
+    trained = [env.cache.lookup("victim", r["victim"]["key"]).meta["train"] for r in (fp32, bf16)]
+    assert [t["precision"] for t in trained] == ["fp32", "bf16"]
+    assert [t["compiled"] for t in trained] == [False, False]
+    assert bf16["status"] == "ok" and 0.0 <= bf16["metrics"]["cacc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_compiled_training_step_trains_the_same_model_object(toy_dataset, env):
+    record = run_cell(cell(toy_dataset, **{"train.compile": "true"}), env)
+    trained = env.cache.lookup("victim", record["victim"]["key"]).meta["train"]
+    assert record["status"] == "ok" and trained["compiled"] is True
+    eager = run_cell(cell(toy_dataset), env)
+    # compiled kernels may reorder floating-point sums; the same data and seed land close
+    assert abs(record["metrics"]["cacc"] - eager["metrics"]["cacc"]) <= 0.1
 
 
 def test_same_seed_gives_the_same_numbers(toy_dataset, tmp_path):

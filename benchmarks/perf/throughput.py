@@ -23,8 +23,14 @@ What is inside each clock, and what differs beyond the padding (all recorded in 
 - The peers' habit (OpenBackdoor and most research code): dynamic padding, but batches in random
   order, with nlpbd's own optimizer, schedule and clipping (``peer``). nlpbd / peer isolates what
   length grouping buys; nlpbd / Trainer adds the cost of padding every row to ``max_length``.
-- ``--compile`` adds nlpbd's loop on a ``torch.compile``'d model (dynamic shapes); its warm-up
-  steps, which include the compilation, run on the timed model itself and are timed apart.
+- ``--compile`` adds nlpbd's loop with ``train.compile`` on (``torch.compile``, dynamic shapes); its
+  warm-up steps, which include the compilation, run on the timed model itself and are timed apart.
+- ``--approaches ...,bf16`` adds nlpbd's loop with ``train.precision=bf16`` (bf16 autocast on this
+  device; on a GPU that is the default already). Its ratio to the peer loop mixes a precision change with
+  the loop's own gains, so it is reported apart from the like-for-like ``ratio_vs_peer``.
+- ``--profile-steps N`` (default 20) times the parts of nlpbd's step (forward, backward, clipping,
+  optimizer, zeroing) over N length-grouped batches, fp32 and bf16: it shows what the dense AdamW
+  update of the word-embedding matrix can cost at most.
 - Timings taken while other work runs are noise. The script refuses to start when the 1-minute
   load per usable core is above ``--max-load-per-core`` (0.5), samples the load every second while
   it runs, and marks the record ``busy`` (and says so) when the load rose above it during the run;
@@ -61,7 +67,7 @@ from nlpbd.cache import atomic_write_text
 from nlpbd.config import TrainConfig
 from nlpbd.data import TextSplit, load_dataset
 from nlpbd.models import load_classifier, load_tokenizer, resolve_model
-from nlpbd.provenance import package_versions, peak_rss_mb, provenance
+from nlpbd.provenance import RECORD_HOST, package_versions, peak_rss_mb, provenance
 from nlpbd.seeding import seed_everything, torch_generator
 from nlpbd.training import (autocast, collate, encode, length_grouped_batches, make_adamw, optimizer_step,
                             pad_id_of, train_classifier, use_bf16)
@@ -75,6 +81,7 @@ RANDOM_INIT_CONFIGS = {
                       max_position_embeddings=512),
 }
 RANDOM_INIT_TOKENIZER_MODEL = "minilm"
+APPROACHES = {"nlpbd", "peer", "trainer", "bf16"}
 
 
 # --- arguments ------------------------------------------------------------------------------------
@@ -92,7 +99,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=512, help="training rows (stratified subsample; 0: the whole "
                         "split, e.g. the 67k rows of sst2-glue for the GPU target)")
     parser.add_argument("--approaches", default="nlpbd,peer,trainer",
-                        help="comma-separated subset of nlpbd,peer,trainer to time (nlpbd is always timed)")
+                        help="comma-separated subset of nlpbd,peer,trainer,bf16 to time (nlpbd is always timed)")
+    parser.add_argument("--profile-steps", type=int, default=20,
+                        help="steps of nlpbd's loop timed part by part (0: no breakdown)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, for the utilisation figure (default: known GPUs)")
     parser.add_argument("--epochs", type=int, default=1)
@@ -123,8 +132,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.rows < 0:
         parser.error("--rows must be >= 0 (0: the whole split)")
     args.approaches = {"nlpbd", *(a.strip() for a in args.approaches.split(",") if a.strip())}
-    if not args.approaches <= {"nlpbd", "peer", "trainer"}:
-        parser.error(f"--approaches takes nlpbd, peer and trainer, got {','.join(sorted(args.approaches))}")
+    if not args.approaches <= APPROACHES:
+        parser.error(f"--approaches takes {', '.join(sorted(APPROACHES))}, got {','.join(sorted(args.approaches))}")
+    if args.profile_steps < 0:
+        parser.error("--profile-steps must be >= 0")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps must be >= 0")
     return args
@@ -380,8 +391,9 @@ def run_peer(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: in
 
 def run_compiled(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: int, warmup_steps: int,
                  device: torch.device) -> dict:
-    """nlpbd's loop on ``torch.compile(model, dynamic=True)``; the warm-up (compilation) is timed apart."""
-    model = torch.compile(source.build().to(device), dynamic=True)
+    """nlpbd's loop with ``train.compile`` on; the warm-up (the compilation) is timed apart."""
+    model = source.build().to(device)
+    config = replace(config, compile=True)
     warm_rows = rows.subset(range(min(len(rows), max(warmup_steps, 1) * config.batch_size)))
     _, compile_seconds = timed(device, lambda: train_classifier(model, source.tokenizer, warm_rows, None,
                                                                 replace(config, epochs=1), seed, device=device))
@@ -390,6 +402,67 @@ def run_compiled(source: ModelSource, rows: TextSplit, config: TrainConfig, seed
     return {"samples_per_second": len(rows) * config.epochs / seconds, "seconds": seconds, "steps": result.steps,
             "warmup_and_compile_seconds": compile_seconds, "compile": "torch.compile(dynamic=True), default backend",
             "peak_gpu_mb": gpu_peak_mb(device), "peak_rss_mb_after": peak_rss_mb()}
+
+
+def run_bf16(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: int, warmup_steps: int,
+             device: torch.device) -> dict:
+    """nlpbd's loop with ``train.precision=bf16``."""
+    run = run_nlpbd(source, rows, replace(config, precision="bf16"), seed, warmup_steps, device)
+    return {**run, "precision": "bf16 autocast"}
+
+
+STEP_PARTS = ("forward", "backward", "clip", "optimizer", "zero_grad")
+
+
+def step_breakdown(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: int, steps: int,
+                   device: torch.device) -> dict:
+    """Seconds per step of each part of nlpbd's step (after two untimed steps), fp32 then bf16 autocast.
+
+    The optimizer part is a fused AdamW over every parameter, the word embeddings included (a batch
+    touches a few hundred of their rows): its share bounds what a row-sparse update could save.
+    """
+    model = source.build().to(device)
+    encoded = encode(source.tokenizer, rows, config.max_length)
+    batches = length_grouped_batches(encoded.lengths, config.batch_size, torch_generator(seed, TRAIN_STREAM))
+    optimizer = make_adamw(model, config.lr, config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    out = {"steps": min(steps, max(len(batches) - 2, 0)),
+           "embedding_fraction_of_parameters": model.get_input_embeddings().weight.numel() / parameter_count(model)}
+    for precision in ("fp32", "bf16"):
+        totals = dict.fromkeys(STEP_PARTS, 0.0)
+        for n, indices in enumerate(batches[:out["steps"] + 2]):
+            timed_parts = _timed_step(model, collate(encoded, indices, pad_id_of(source.tokenizer), device),
+                                      trainable, config.grad_clip, optimizer, device, precision)
+            if n >= 2:
+                totals = {k: totals[k] + timed_parts[k] for k in STEP_PARTS}
+        per_step = {k: v / max(out["steps"], 1) for k, v in totals.items()}
+        step = sum(per_step.values())
+        out[precision] = {"seconds_per_step": per_step, "step_seconds": step,
+                          "fractions": {k: v / step if step else None for k, v in per_step.items()}}
+    return out
+
+
+def _timed_step(model, batch: dict, trainable: list, grad_clip: float, optimizer, device: torch.device,
+                precision: str) -> dict:
+    marks = [time.perf_counter()]
+
+    def mark() -> None:
+        synchronize(device)
+        marks.append(time.perf_counter())
+
+    with autocast(device, precision):
+        loss = model(**batch).loss
+    mark()
+    loss.backward()
+    mark()
+    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    mark()
+    optimizer.step()
+    mark()
+    optimizer.zero_grad(set_to_none=True)
+    mark()
+    return {part: marks[i + 1] - marks[i] for i, part in enumerate(STEP_PARTS)}
 
 
 def trainer_arguments(config: TrainConfig, seed: int, device: torch.device, output_dir: str,
@@ -457,8 +530,12 @@ def machine_info(device: torch.device) -> dict:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(),
             "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "hostname": socket.gethostname(),
-            "platform": platform.platform()}
+            "torch_threads": torch.get_num_threads(), **host_name(), "platform": platform.platform()}
+
+
+def host_name() -> dict:
+    """Opt-in, as in result records: committed files should not carry the machine's name."""
+    return {"hostname": socket.gethostname()} if os.environ.get(RECORD_HOST) == "1" else {}
 
 
 def command_line(argv: Sequence[str] | None) -> str:
@@ -470,9 +547,12 @@ def command_line(argv: Sequence[str] | None) -> str:
 def build_record(args, source: ModelSource, dataset_name: str, rows: TextSplit, lengths: list[int],
                  config: TrainConfig, runs: dict[str, dict], load: dict, device: torch.device, argv) -> dict:
     nlpbd, trainer, peer, compiled = runs["nlpbd"], runs.get("trainer"), runs.get("peer"), runs.get("compiled")
+    bf16 = runs.get("bf16")
     tokens = token_statistics(lengths, config, args.seed)
     for name, run in runs.items():
-        key = "nlpbd" if name == "compiled" else name
+        if name == "breakdown":
+            continue
+        key = "nlpbd" if name in ("compiled", "bf16") else name
         run.update(positions=tokens[f"{key}_positions"], pad_fraction=tokens[f"{key}_pad_fraction"])
 
     def speed(run: dict | None) -> float | None:
@@ -491,11 +571,13 @@ def build_record(args, source: ModelSource, dataset_name: str, rows: TextSplit, 
         "recipe": {"weight_decay": config.weight_decay, "warmup_ratio": config.warmup_ratio,
                    "grad_clip": config.grad_clip, "bf16": use_bf16(device)},
         "token_length": length_summary(lengths, config.max_length), "tokens": tokens,
-        "nlpbd": nlpbd, "trainer": trainer, "peer": peer, "compiled": compiled, "load": load,
+        "nlpbd": nlpbd, "trainer": trainer, "peer": peer, "compiled": compiled, "bf16": bf16,
+        "step_breakdown": runs.get("breakdown"), "load": load,
         "ratio": ratio(nlpbd, trainer),
         "ratio_vs_trainer_metrics": speed(nlpbd) / trainer["metrics_samples_per_second"] if trainer else None,
         "ratio_vs_peer": ratio(nlpbd, peer),
         "compiled_vs_eager": ratio(compiled, nlpbd),
+        "bf16_vs_fp32": ratio(bf16, nlpbd), "bf16_vs_peer": ratio(bf16, peer),
         "peak_rss_mb": peak_rss_mb(), "machine": {"slug": args.machine or machine_slug(device),
                                                   **machine_info(device)},
         "provenance": provenance(device), "versions": package_versions(),
@@ -513,7 +595,7 @@ def summary_line(record: dict, path: Path) -> str:
             f"{record['machine']['torch_threads']} threads), {record['rows']} rows x {record['epochs']} epoch(s): "
             f"nlpbd {record['nlpbd']['samples_per_second']:.1f} samples/s in {record['nlpbd']['seconds']:.1f} s")
     for name, label, key in (("peer", "peer loop", "ratio_vs_peer"), ("trainer", "Trainer", "ratio"),
-                             ("compiled", "compiled", "compiled_vs_eager")):
+                             ("compiled", "compiled", "compiled_vs_eager"), ("bf16", "bf16", "bf16_vs_fp32")):
         if record[name]:
             line += f", {label} {record[name]['samples_per_second']:.1f} ({record[key]:.2f}x)"
     if record["utilisation"]["fraction_of_peak"] is not None:
@@ -546,6 +628,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                           args.trainer_optim)
         if args.compile:
             runs["compiled"] = run_compiled(source, rows, config, args.seed, args.warmup_steps, device)
+        if "bf16" in args.approaches:
+            runs["bf16"] = run_bf16(source, rows, config, args.seed, args.warmup_steps, device)
+        if args.profile_steps:
+            runs["breakdown"] = step_breakdown(source, rows, config, args.seed, args.profile_steps, device)
     record = build_record(args, source, dataset.name, rows, lengths, config, runs,
                           monitor.summary(args.max_load_per_core), device, argv)
     path = result_path(args.out, record)

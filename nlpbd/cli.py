@@ -146,7 +146,8 @@ def run(
         cache = ArtifactCache(cache_dir)
         _check_directories(results_dir, cache)
         load_heavy_libraries()
-        from nlpbd.pipeline import CellSpec, RunEnv, run_cell
+        from nlpbd.pipeline import run_cell
+        from nlpbd.specs import CellSpec, RunEnv
 
         spec = CellSpec(attack=attack, defense=defense, dataset=dataset, model=model, finetune=finetune, seed=seed,
                         train_size=train_size, test_size=test_size, overrides=overrides)
@@ -427,7 +428,7 @@ def _plan_table(plan, summary, results_dir: Path) -> Table:
 
 def _grid_env(results_dir: Path, cache_dir: Optional[Path], data_dir: Optional[Path], device: Optional[str]):
     from nlpbd.cache import ArtifactCache
-    from nlpbd.pipeline import RunEnv
+    from nlpbd.specs import RunEnv
 
     return RunEnv(results_dir=results_dir, cache=ArtifactCache(cache_dir), data_dir=data_dir, device=_device(device))
 
@@ -526,7 +527,7 @@ def validate(
         load_heavy_libraries()
         from nlpbd.cache import ArtifactCache
         from nlpbd.grid import load_grid, plan_grid
-        from nlpbd.pipeline import RunEnv
+        from nlpbd.specs import RunEnv
 
         spec = load_grid(file, data_dir)
         # No results directory: every cell counts as to do; the cache is only read.

@@ -49,7 +49,7 @@ class EnvSpec:
         import torch
 
         from nlpbd.cache import ArtifactCache
-        from nlpbd.pipeline import RunEnv
+        from nlpbd.specs import RunEnv
         from nlpbd.training import default_device
 
         device = torch.device(self.device) if self.device else default_device()

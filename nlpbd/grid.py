@@ -58,6 +58,7 @@ from nlpbd.config import STAGE_SECTIONS, apply_overrides
 from nlpbd.errors import InputError
 from nlpbd.registry import closest, unknown_name_message
 from nlpbd.results import RECORDS_SUBDIR
+from nlpbd.specs import CellSpec
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class Grid:
 class GridCell:
     """An expanded cell and the grid entries it came from (for error lines and grouping)."""
 
-    spec: Any  # nlpbd.pipeline.CellSpec (imported lazily: the pipeline pulls in torch)
+    spec: CellSpec
     attack: MethodEntry
     defense: MethodEntry
 
@@ -450,8 +451,6 @@ def _registered(kind: str, name: str) -> bool:
 
 def expand(grid: Grid) -> list[GridCell]:
     """All cells in a fixed order: dataset, model, finetune, attack, seed, defense (victim groups contiguous)."""
-    from nlpbd.pipeline import CellSpec
-
     cells = []
     axes = itertools.product(grid.datasets, grid.models, grid.finetune, grid.attacks, grid.seeds, grid.defenses)
     for dataset, model, finetune, attack, seed, defense in axes:

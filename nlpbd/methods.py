@@ -9,42 +9,30 @@ the defense's own scratch area, where granted models are weights-only views (:mo
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import numpy as np
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from nlpbd.cache import ArtifactCache
-from nlpbd.config import TrainConfig, to_dict
-from nlpbd.data import Dataset, TextSplit
-from nlpbd.models import ModelRef
+from nlpbd.config import to_dict
+from nlpbd.data import TextSplit
 from nlpbd.errors import InputError
 from nlpbd.registry import Registry
+from nlpbd.specs import Stage, ThreatModel
 
+if TYPE_CHECKING:  # annotations only: the interfaces import no torch or transformers
+    import numpy as np
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from nlpbd.cache import ArtifactCache
+    from nlpbd.config import TrainConfig
+    from nlpbd.data import Dataset
+    from nlpbd.models import ModelRef
 
 log = logging.getLogger(__name__)
-
-
-class ThreatModel(str, enum.Enum):
-    DATA = "data poisoning"
-    CHECKPOINT = "poisoned fine-tuned checkpoint"
-    PRETRAINED = "task-agnostic pretrained backdoor"
-
-
-class Stage(str, enum.Enum):
-    PRETRAINED = "purify the pretrained model"
-    TRAINING = "during training"
-    POST = "repair the trained victim"
-    INFERENCE = "reject inputs at inference"
-    FILTER = "filter the training data"
-    CORRECTION = "correct inputs at inference"
 
 
 class _Method(ABC):

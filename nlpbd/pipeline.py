@@ -43,35 +43,12 @@ from nlpbd.provenance import StageClock, provenance
 from nlpbd.results import SCHEMA, write_record
 from nlpbd.scratch import DefenseScratch
 from nlpbd.seeding import numpy_rng, seed_everything
-from nlpbd.training import TrainSetup, default_device, resolve_train_config, train_classifier
+from nlpbd.specs import CellSpec, RunEnv
+from nlpbd.training import TrainSetup, resolve_train_config, train_classifier
 
 log = logging.getLogger(__name__)
 
 VICTIM_TRAINER_VERSION = "2"  # bumped when the training loop's numerics change
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """What the user asked for; ``overrides`` are raw ``--set`` strings keyed ``section.name``."""
-
-    attack: str
-    defense: str
-    dataset: str = "sst2"
-    model: str = "minilm"
-    finetune: str = "full"
-    seed: int = 0
-    train_size: int | None = None
-    test_size: int | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    variant: str | None = None
-
-
-@dataclass(frozen=True)
-class RunEnv:
-    results_dir: Path
-    cache: ArtifactCache
-    data_dir: Path | str | None = None
-    device: torch.device = field(default_factory=default_device)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from rich.text import Text
 from nlpbd.cache import atomic_write_text
 from nlpbd.errors import InputError
 from nlpbd.registry import unknown_name_message
+from nlpbd.specs import ThreatModel
 
 SCHEMA = "nlpbd.record/1"
 RECORDS_SUBDIR = "records"
@@ -604,8 +605,8 @@ def export_json(frame: pd.DataFrame) -> str:
 METRIC_ALIASES = {"time": "defense_seconds", "seconds": "defense_seconds", "dcacc": "delta_cacc",
                   "dasr": "delta_asr", "floor": "asr_floor"}
 GROUP_BY = ("threat_model",)
-# Display order of the threat models (values of nlpbd.methods.ThreatModel; not imported: it pulls in torch).
-THREAT_MODEL_ORDER = ("data poisoning", "poisoned fine-tuned checkpoint", "task-agnostic pretrained backdoor")
+# Display order of the threat models.
+THREAT_MODEL_ORDER = tuple(t.value for t in ThreatModel)
 UNKNOWN_GROUP = "unknown"
 
 

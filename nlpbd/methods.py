@@ -270,12 +270,23 @@ class Detector:
 class Defense(_Method):
     stage: ClassVar[Stage]
     grants: ClassVar[frozenset[str]] = frozenset()
+    # Whether the defense changes the victim's weights (it cannot then run on a victim whose trained
+    # parameters live outside the weights, e.g. prompt-tuning's virtual tokens).
+    edits_weights: ClassVar[bool] = False
+
+
+class BaselineDefense(Defense):
+    """No defense: the cell is scored on the victim as trained. Its record is the baseline the other
+    defenses are paired with, and the pipeline runs no defense stage for it."""
+
+    stage = Stage.BASELINE
 
 
 class RepairDefense(Defense):
     """Post-training: receives the trained victim θ_bd and returns a repaired model."""
 
     stage = Stage.POST
+    edits_weights = True
 
     @abstractmethod
     def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
@@ -286,6 +297,7 @@ class TrainingDefense(Defense):
     """During training: replaces plain fine-tuning of θ_pre on the (poisoned) training set."""
 
     stage = Stage.TRAINING
+    edits_weights = True
 
     @abstractmethod
     def train(self, ctx: DefenseContext) -> DefenseOutcome:

@@ -33,8 +33,8 @@ from nlpbd.errors import InputError, NlpbdError, RunError
 from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
 from nlpbd.evaluation import (Predictions, cell_metrics, evaluate_with_corrector, evaluate_with_detector,
                               filter_metrics, inserted_word_removal, predict_cell)
-from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, CorrectionDefense, DataPoisoningAttack, Defense,
-                           DefenseContext, FilterDefense, InferenceDefense, ModelSupplyAttack, PoisonedData,
+from nlpbd.methods import (ATTACKS, DEFENSES, Attack, BaselineDefense, CleanBudget, CorrectionDefense,
+                           DataPoisoningAttack, Defense, DefenseContext, FilterDefense, InferenceDefense, ModelSupplyAttack, PoisonedData,
                            PretrainedDefense, RepairDefense, SupplyContext, ThreatModel, TrainingDefense)
 from nlpbd.checks import check_sizes
 from nlpbd.models import (ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model,
@@ -90,8 +90,7 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
     attack_cls, defense_cls = ATTACKS.get(spec.attack), DEFENSES.get(spec.defense)
     finetune = FINETUNE.get(spec.finetune)
     check_sizes(spec.seed, spec.train_size, spec.test_size)
-    if finetune.is_peft and not finetune.mergeable and defense_cls.name != "none" and \
-            issubclass(defense_cls, (RepairDefense, TrainingDefense)):
+    if finetune.is_peft and not finetune.mergeable and defense_cls.edits_weights:
         raise InputError(f"defense '{spec.defense}' edits the victim's weights and cannot run on a {finetune.name} "
                          "victim: its virtual tokens live outside the weights and cannot be merged "
                          "(use --finetune full or lora)")
@@ -404,7 +403,7 @@ def _corpus(env: RunEnv) -> TextSplit:
 
 def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: Predictions) -> dict:
     defense = cell.defense
-    if defense.name == "none":
+    if isinstance(defense, BaselineDefense):
         return _score(cell, state, victim_preds)
     scratch = DefenseScratch.of(env.cache.root, defense.name)
     ctx = _context(cell, env, state, scratch)
@@ -575,7 +574,8 @@ def _sanity_gate(cell: Cell, victim_metrics: dict, floor: dict) -> dict | None:
     None when the gate does not apply (no defense, another threat model, or ``eval.gate=false``). Without
     the floor (``eval.floor=false``) there is nothing to gate on: the defense runs and the record says so.
     """
-    if not cell.eval.gate or cell.defense.name == "none" or cell.attack.threat_model is not ThreatModel.PRETRAINED:
+    if (not cell.eval.gate or isinstance(cell.defense, BaselineDefense)
+            or cell.attack.threat_model is not ThreatModel.PRETRAINED):
         return None
     if not cell.eval.floor:
         return {"passed": None, "reason": "not checked: eval.floor=false gives no floor to gate on"}

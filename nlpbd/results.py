@@ -26,7 +26,7 @@ from rich.text import Text
 from nlpbd.cache import atomic_write_text
 from nlpbd.errors import InputError
 from nlpbd.registry import unknown_name_message
-from nlpbd.specs import ThreatModel
+from nlpbd.specs import BASELINE, ThreatModel
 
 SCHEMA = "nlpbd.record/1"
 RECORDS_SUBDIR = "records"
@@ -322,9 +322,9 @@ def _defense_label(defense: Any, variant: Any) -> str:
 
 
 def _defense_order(defenses: Sequence[str]) -> list[str]:
-    """``none`` first, ``ft`` second, the rest in order of first appearance."""
+    """The baseline (``none``) first, ``ft`` second, the rest in order of first appearance."""
     seen = list(dict.fromkeys(defenses))
-    head = [d for d in ("none", "ft") if d in seen]
+    head = [d for d in (BASELINE, "ft") if d in seen]
     return head + [d for d in seen if d not in head]
 
 

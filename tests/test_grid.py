@@ -412,4 +412,6 @@ def test_table_groups_by_threat_model_and_accepts_metric_labels(tmp_path, toy):
     assert csv.splitlines()[0].startswith("threat_model,dataset,model,attack,none_cacc")
     assert csv.splitlines()[1].startswith("data poisoning,toy,tiny-bert,badnet,")
     rows = json.loads(invoke("table", "--results-dir", tmp_path / "results", "-f", "json").output)
-    assert {(r["threat_model"], r["defense_stage"]) for r in rows} == {("data poisoning", "repair the trained victim")}
+    assert {(r["defense"], r["threat_model"], r["defense_stage"]) for r in rows} == {
+        ("none", "data poisoning", "no defense (the victim as trained)"),
+        ("ft", "data poisoning", "repair the trained victim")}

@@ -32,8 +32,8 @@ Every error is an :class:`InputError` "FILE line N: message"; names get "did you
 
 Planning groups cells by the victim they train on, and counts what has to be trained: the cache keys
 of the suspect release (model-supply attacks), the victim, the clean reference model, and for
-pre-fine-tuning defenses the purified model and the victim fine-tuned from it, all computed by the
-pipeline's own stages against a cache that answers without building (:class:`KeyProbe`). Post-training
+pre-fine-tuning defenses the purified model and the victim fine-tuned from it, all computed from the
+pipeline's own payload functions, so planning builds nothing. Post-training
 and inference-time defenses and BTU-like training defenses only reuse their group's victim (BTU adds its
 exposure runs); a purifying defense's cell also needs the standard victim (for the undefended
 numbers), so it stays in that group and its two extra models are counted on their own.
@@ -41,7 +41,6 @@ numbers), so it stays in that group and its two extra models are counted on thei
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -49,7 +48,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 
@@ -58,7 +57,7 @@ from nlpbd.config import STAGE_SECTIONS, apply_overrides
 from nlpbd.errors import InputError
 from nlpbd.registry import closest, unknown_name_message
 from nlpbd.results import RECORDS_SUBDIR
-from nlpbd.specs import CellSpec
+from nlpbd.specs import CellSpec, Stage
 
 log = logging.getLogger(__name__)
 
@@ -727,77 +726,49 @@ def _shared_builds_cached(cell: PlannedCell, cache) -> bool:
             and all(cache.lookup("victim", key) is not None for key in (builds.victim, builds.clean) if key))
 
 
-class KeyProbe:
-    """An artifact cache for planning: ``get_or_build`` answers with the artifact the pipeline would
-    use (its key, and whether it is cached) and never builds. The stages then compute every key with
-    their own code."""
+def _suspect_key(cell, env, fingerprint: str, memo: dict) -> str | None:
+    """The release's key (None for data attacks); its payload hashes proxy files: once per release."""
+    from nlpbd.methods import ModelSupplyAttack
+    from nlpbd.pipeline import suspect_payload, supply_context
 
-    def __init__(self, cache):
-        self.cache = cache
-        self.root = cache.root
-
-    def lookup(self, kind: str, key: str):
-        return self.cache.lookup(kind, key)
-
-    def get_or_build(self, kind: str, payload: dict, build) -> Any:
-        from nlpbd.cache import Artifact
-
-        key = content_key(payload)
-        return self.cache.lookup(kind, key) or Artifact(self.cache.path(kind, key), {"kind": kind, "key": key}, False)
-
-
-def _probe_victim(cell, env, start, data_key: str) -> str:
-    from nlpbd.pipeline import train_victim
-
-    return train_victim(cell, env.cache, start, None, data_key, env.device, "").meta["key"]
-
-
-def _probe_suspect(cell, env, fingerprint: str, memo: dict):
-    """The suspect release's artifact (None for data attacks); its payload hashes proxy files: once per release."""
-    from nlpbd.pipeline import suspect_stage
-
+    if not isinstance(cell.attack, ModelSupplyAttack):
+        return None
     key = canonical_json([cell.model.identity, cell.attack.cache_payload(), cell.spec.seed, fingerprint,
                           str(env.device)])
     if key not in memo:
-        memo[key] = suspect_stage(cell, env)
+        memo[key] = content_key(suspect_payload(cell, supply_context(cell, env)))
     return memo[key]
 
 
 def cell_builds(cell, env, fingerprint: str, memo: dict) -> Builds:
-    """Every key a cell's stages will use, computed by the pipeline's stages against a :class:`KeyProbe`.
+    """Every key a cell's stages will use, from the pipeline's own payload functions; nothing is built.
 
-    The poisoned-data and clean-data keys come from the pipeline's own payload helpers; a test checks
-    all keys against real records.
+    A test checks all keys against real records.
     """
     from nlpbd.errors import NlpbdError
-    from nlpbd.pipeline import artifact_ref, clean_data_key, poison_payload
+    from nlpbd.pipeline import (artifact_identity, clean_data_key, filter_payload, poison_payload,
+                                purified_payload, victim_payload)
 
-    probe_env = replace(env, cache=KeyProbe(env.cache))
+    def victim(start: str, data_key: str) -> str:
+        return content_key(victim_payload(cell, start, data_key))
+
     try:
-        suspect = _probe_suspect(cell, probe_env, fingerprint, memo)
+        suspect = _suspect_key(cell, env, fingerprint, memo)
     except (NlpbdError, OSError) as exc:  # e.g. a proxy file missing: the cell will fail and say so
         log.debug("no release key for %s: %s", cell.cell_id, exc)
         return Builds(exact=False)
-    start = artifact_ref(f"{cell.attack.name}-release", suspect, cell.model) if suspect else cell.model
+    start = artifact_identity(suspect) if suspect else cell.model.identity
     poison = content_key(poison_payload(cell))
-    clean = None
-    if cell.eval.floor:
-        clean = _probe_victim(cell, probe_env, cell.model, clean_data_key(cell))
-    purified = defended = None
-    if cell.defense.stage.name == "PRETRAINED":
-        payload = {"start": start.identity, "defense": cell.defense.cache_payload(), "seed": cell.spec.seed}
-        purified_artifact = probe_env.cache.get_or_build("purified", payload, None)
-        purified = purified_artifact.meta["key"]
-        defended = _probe_victim(cell, probe_env, artifact_ref(f"{cell.defense.name}-purified", purified_artifact,
-                                                               cell.model), poison)
-    victim = _probe_victim(cell, probe_env, start, poison)
-    filtered = None
-    if cell.defense.stage.name == "FILTER":
-        from nlpbd.pipeline import filter_payload
-
-        filtered = content_key(filter_payload(cell, poison, victim))
-        defended = _probe_victim(cell, probe_env, start, filtered)
-    return Builds(suspect.meta["key"] if suspect else None, victim, clean, purified, defended, filtered)
+    clean = victim(cell.model.identity, clean_data_key(cell)) if cell.eval.floor else None
+    purified = defended = filtered = None
+    if cell.defense.stage is Stage.PRETRAINED:
+        purified = content_key(purified_payload(cell, start))
+        defended = victim(artifact_identity(purified), poison)
+    standard = victim(start, poison)
+    if cell.defense.stage is Stage.FILTER:
+        filtered = content_key(filter_payload(cell, poison, standard))
+        defended = victim(start, filtered)
+    return Builds(suspect, standard, clean, purified, defended, filtered)
 
 
 def _group_key(cell, builds: Builds) -> str:
@@ -825,58 +796,36 @@ def record_state(results_dir: Path, cell_id: str) -> tuple[CellState, str | None
     return "failed", record.get("error")
 
 
-def prepare(grid_cell: GridCell, env, grid: Grid):
+def prepare(grid_cell: GridCell, env, grid: Grid, load=None):
     """``prepare_cell`` with errors pointing at the attack entry's line."""
+    from nlpbd.data import load_dataset
     from nlpbd.pipeline import prepare_cell
 
     try:
-        return prepare_cell(grid_cell.spec, env)
+        return prepare_cell(grid_cell.spec, env, load or load_dataset)
     except InputError as exc:
         raise grid.lines.error(grid_cell.attack.where, f"cell {grid_cell.label}: {exc}") from None
 
 
-@contextlib.contextmanager
-def _datasets_loaded_once() -> Iterator[None]:
-    """While planning, identical dataset loads return the first result.
-
-    ``prepare_cell`` reads the dataset files for every cell (0.1-0.2 s each for AG News), which made
-    planning the 231-cell data-poisoning grid take half a minute. Datasets are immutable values of
-    (name, data directory, data settings, train and test size), so sharing them is safe.
-    """
-    import nlpbd.pipeline as pipeline
-
-    original, memo = pipeline.load_dataset, {}
-
-    def load(name, data_dir=None, config=None, train_size=None, test_size=None):
-        key = (name, str(data_dir), repr(config), train_size, test_size)
-        if key not in memo:
-            memo[key] = original(name, data_dir, config, train_size, test_size)
-        return memo[key]
-
-    pipeline.load_dataset = load
-    try:
-        yield
-    finally:
-        pipeline.load_dataset = original
-
-
 def plan_grid(grid: Grid, env, retry_failed: bool = False) -> Plan:
     """Every cell prepared (ids, keys), its state read from the results directory, grouped by victim."""
+    from nlpbd.data import loading_once
+
     planned, groups, fingerprints, suspects = [], {}, {}, {}
     cells = expand(grid)
     if not cells:
         log.warning("%s: the excludes remove every cell; the grid has nothing to run", grid.source)
-    with _datasets_loaded_once():
-        for grid_cell in cells:
-            cell = prepare(grid_cell, env, grid)
-            if id(cell.dataset) not in fingerprints:  # a hash over every row: once per dataset
-                fingerprints[id(cell.dataset)] = cell.dataset.fingerprint
-            builds = cell_builds(cell, env, fingerprints[id(cell.dataset)], suspects)
-            state, error = record_state(env.results_dir, cell.cell_id)
-            item = PlannedCell(grid_cell, cell.cell_id, _group_key(cell, builds), cell.defense.stage.name, builds,
-                               state, error)
-            planned.append(item)
-            groups.setdefault(item.group, []).append(item)
+    load = loading_once()  # identical datasets are read once for the whole grid
+    for grid_cell in cells:
+        cell = prepare(grid_cell, env, grid, load)
+        if id(cell.dataset) not in fingerprints:  # a hash over every row: once per dataset
+            fingerprints[id(cell.dataset)] = cell.dataset.fingerprint
+        builds = cell_builds(cell, env, fingerprints[id(cell.dataset)], suspects)
+        state, error = record_state(env.results_dir, cell.cell_id)
+        item = PlannedCell(grid_cell, cell.cell_id, _group_key(cell, builds), cell.defense.stage.name, builds,
+                           state, error)
+        planned.append(item)
+        groups.setdefault(item.group, []).append(item)
     _check_unique_ids(planned, grid)
     return Plan(grid, planned, [VictimGroup(k, v) for k, v in groups.items()], retry_failed)
 

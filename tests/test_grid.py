@@ -16,7 +16,8 @@ from nlpbd.cache import ArtifactCache
 from nlpbd.cli import app
 from nlpbd.errors import InputError
 from nlpbd.executors import CoreShare, run_plan
-from nlpbd.grid import (_datasets_loaded_once, expand, load_grid, parse_grid, plan_grid, unregistered_methods,
+from nlpbd.data import loading_once
+from nlpbd.grid import (expand, load_grid, parse_grid, plan_grid, unregistered_methods,
                         with_state)
 from nlpbd.pipeline import RunEnv
 from nlpbd.results import load_records
@@ -151,12 +152,10 @@ def test_test_size_reaches_every_cell_and_the_dataset_check(tmp_path, toy):
 
 
 def test_planning_keeps_test_sizes_apart(tmp_path, toy):
-    import nlpbd.pipeline as pipeline
-
-    with _datasets_loaded_once():  # the memo of planning: one load per (dataset, settings, sizes)
-        subsampled = pipeline.load_dataset(str(toy), None, None, None, 20)
-        whole = pipeline.load_dataset(str(toy), None, None, None, None)
-        assert pipeline.load_dataset(str(toy), None, None, None, 20) is subsampled
+    load = loading_once()  # the memo of planning: one load per (dataset, settings, sizes)
+    subsampled = load(str(toy), None, None, None, 20)
+    whole = load(str(toy), None, None, None, None)
+    assert load(str(toy), None, None, None, 20) is subsampled
     assert (len(subsampled.test), len(whole.test)) == (20, 60)
     env = make_env(tmp_path)
     ids = [{c.cell_id for c in plan_grid(load_grid(toy_grid(tmp_path, toy, extra=extra)), env).cells}

@@ -460,10 +460,11 @@ def grid(
         check_device_name(device)
         if not dry_run:
             _check_directories(results_dir, ArtifactCache(cache_dir))
-        from nlpbd.grid import load_grid, parse_grid, plan_grid, with_state
+        from nlpbd.grid import load_grid, parse_grid
 
         parse_grid(file)  # the file's own structure first, with light imports
         load_heavy_libraries()
+        from nlpbd.plan import plan_grid, with_state
 
         spec = load_grid(file, data_dir)
         env = _grid_env(results_dir, cache_dir, data_dir, device)
@@ -526,7 +527,8 @@ def validate(
         parse_grid(file)  # the file's own structure first, with light imports
         load_heavy_libraries()
         from nlpbd.cache import ArtifactCache
-        from nlpbd.grid import load_grid, plan_grid
+        from nlpbd.grid import load_grid
+        from nlpbd.plan import plan_grid
         from nlpbd.specs import RunEnv
 
         spec = load_grid(file, data_dir)

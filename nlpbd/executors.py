@@ -1,6 +1,6 @@
 """Running a grid plan: in this process, in local worker processes, or as Ray tasks.
 
-The unit of work is a victim group (``nlpbd.grid.VictimGroup``): its cells run one after another
+The unit of work is a victim group (``nlpbd.plan.VictimGroup``): its cells run one after another
 in one process, so the first cell trains the victim and the others load it from the cache; a group
 whose victim is cached already is split into one unit per cell (``Plan.work_units``). Units
 are independent and run in parallel across processes (``local`` with ``workers > 1``: a spawn
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal, Protocol
 
 from nlpbd.errors import InputError
-from nlpbd.grid import Plan, PlannedCell, record_state
+from nlpbd.plan import Plan, PlannedCell, record_state
 from nlpbd.quiet import quiet_libraries
 from nlpbd.results import RECORDS_SUBDIR
 

@@ -17,8 +17,8 @@ from nlpbd.cli import app
 from nlpbd.errors import InputError
 from nlpbd.executors import CoreShare, run_plan
 from nlpbd.data import loading_once
-from nlpbd.grid import (expand, load_grid, parse_grid, plan_grid, unregistered_methods,
-                        with_state)
+from nlpbd.grid import expand, load_grid, parse_grid, unregistered_methods
+from nlpbd.plan import plan_grid, with_state
 from nlpbd.pipeline import RunEnv
 from nlpbd.results import load_records
 

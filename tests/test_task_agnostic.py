@@ -322,7 +322,7 @@ def test_por_recipe_cell_reports_aasr_and_masr(tmp_path, data_dir):
 
 def test_a_release_below_the_sanity_gate_is_reported_not_defended(tmp_path, data_dir):
     """attacks.md §4: the defense runs only when the undefended AASR clears the floor by the margin."""
-    from nlpbd.grid import record_state
+    from nlpbd.plan import record_state
 
     dataset = write_toy_dataset(tmp_path / "toy", train=120, dev=30, test=40)
     cache = ArtifactCache(tmp_path / "cache")

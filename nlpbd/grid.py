@@ -437,12 +437,6 @@ def expand(grid: Grid) -> list[GridCell]:
 # --- validation against registries and data -------------------------------------------------------
 
 
-def unregistered_methods(grid: Grid) -> list[str]:
-    """Attack and defense names of the grid that no registry knows (e.g. methods not implemented yet)."""
-    return [f"{e.kind} '{e.name}'" for e in grid.attacks + grid.defenses
-            if e.name not in (ATTACKS if e.kind == "attack" else DEFENSES)]
-
-
 def _check_names(grid: Grid) -> None:
     lines = grid.lines
     for i, dataset in enumerate(grid.datasets):

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, needs_data
 from nlpbd.attacks.addsent import AddSent, AddSentConfig
 from nlpbd.attacks.badnet import BadNet, BadNetConfig
 from nlpbd.attacks.common import choose_poison_positions
@@ -23,8 +23,6 @@ from nlpbd.errors import InputError
 from nlpbd.pipeline import draw_budget
 from nlpbd.seeding import seed_for
 
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(),
-                                reason=f"benchmark data not found at {SHARED_DATA}")
 
 TRIGGERS = ["cf", "mn", "bb", "tq"]
 SENTENCE = "I watch this 3D movie".split()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHARED_DATA, make_context, toy_budget, toy_texts, write_toy_dataset
+from helpers import SHARED_DATA, make_context, needs_data, toy_budget, toy_texts, write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import TextSplit
 from nlpbd.defenses.bki import keyword_scores, select_keywords, top_words, word_importance
@@ -316,7 +316,7 @@ def test_smollm2_loads_offline_and_prefers_fluent_text(monkeypatch, tmp_path):
     assert "cf" not in planted.split()
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(), reason="no benchmark data")
+@needs_data
 def test_baselines_grid_plans_one_filter_and_one_filtered_victim_per_filter_cell(tmp_path):
     from typer.testing import CliRunner
 

@@ -11,15 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, needs_data
 from nlpbd.attacks.addsent import AddSent
 from nlpbd.attacks.badnet import BadNet, BadNetConfig
 from nlpbd.cache import ArtifactCache, atomic_directory, atomic_write_text, canonical_json, content_key
 from nlpbd.data import Dataset, TextSplit, subsample_train
 from nlpbd.pipeline import CellSpec, RunEnv, poison_stage, prepare_cell, victim_payload
 
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(),
-                                reason=f"benchmark data not found at {SHARED_DATA}")
 
 
 def test_content_key_is_the_hash_of_canonical_json_and_ignores_key_order():

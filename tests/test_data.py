@@ -13,15 +13,13 @@ import pandas as pd
 import pytest
 
 import nlpbd.data as data_module
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, needs_data
 from nlpbd.config import DataConfig
 from nlpbd.data import (DATASETS, Dataset, TextSplit, load_dataset, stratified_counts, stratified_sample,
                         subsample_test)
 from nlpbd.errors import InputError
 from nlpbd.seeding import numpy_rng, seed_everything
 
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(),
-                                reason=f"benchmark data not found at {SHARED_DATA}")
 
 
 def read_tsv(path: Path) -> pd.DataFrame:

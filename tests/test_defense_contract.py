@@ -30,9 +30,13 @@ from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.scratch import DefenseScratch
 
 FAST = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false"}
-FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
+# Every defense's settings at tiny scale; a new defense fails test_every_defense_has_a_tiny_configuration
+# until it has an entry here, instead of running at paper scale.
+TINY_DEFENSE = {"none": {}, "ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
                 "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"}, "psim": {"min_steps": "0"},
                 "recipe": {"max_steps": "3", "graft_steps": "3"},
+                # BTU's exposure runs are one epoch each already
+                "btu": {},
                 # the baselines at tiny scale: ONION's LM is the tiny random Llama built in code; CUBE's
                 # neighbourhoods shrink to the toy set's size
                 "onion": {"lm": "tiny-llama"}, "strip": {"repeat": "2"}, "rap": {"epochs": "1"},
@@ -133,9 +137,13 @@ def shared(tmp_path_factory):
 
 
 def spec(dataset, defense: str) -> CellSpec:
-    settings = {f"defense.{k}": v for k, v in FAST_DEFENSE.get(defense, {}).items()}
+    settings = {f"defense.{k}": v for k, v in TINY_DEFENSE.get(defense, {}).items()}
     return CellSpec(attack="badnet", defense=defense, dataset=str(dataset), model="tiny-bert",
                     overrides={**FAST, **settings})
+
+
+def test_every_defense_has_a_tiny_configuration():
+    assert sorted(TINY_DEFENSE) == sorted(DEFENSES.names())
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSES.names()))

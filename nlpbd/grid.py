@@ -24,7 +24,7 @@ from nlpbd.finetune import FINETUNE
 from nlpbd.methods import ATTACKS, DEFENSES
 from nlpbd.models import MODELS, check_hub_model, resolve_model
 from nlpbd.errors import InputError
-from nlpbd.registry import closest, unknown_name_message
+from nlpbd.registry import did_you_mean, unknown_name_message
 from nlpbd.specs import CellSpec
 
 log = logging.getLogger(__name__)
@@ -233,9 +233,8 @@ def _subsample_size(data: dict, key: str, lines: SourceLines) -> int | None:
 
 def _unknown_key(key: str, valid: Iterable[str], where: Where, lines: SourceLines, what: str) -> InputError:
     valid = list(valid)
-    hint = closest(key, valid)
-    extra = f" Did you mean '{hint}'?" if hint else ""
-    return lines.error(where, f"unknown {what} '{key}'.{extra} Valid: {', '.join(valid)}", key=True)
+    return lines.error(where, f"unknown {what} '{key}'.{did_you_mean(key, valid)} Valid: {', '.join(valid)}",
+                       key=True)
 
 
 def _entry_settings(kind: str, raw: Any, where: Where, lines: SourceLines) -> dict:
@@ -308,8 +307,7 @@ def _exclude_values(rule: dict, where: Where, lines: SourceLines, axes: dict[str
         for j, item in enumerate(values):
             if item not in axes[key]:
                 choices = [str(c) for c in axes[key]]
-                hint = closest(str(item), choices)
-                extra = f" Did you mean '{hint}'?" if hint else ""
+                extra = did_you_mean(str(item), choices)
                 item_where = where + (key, j) if isinstance(value, list) else where + (key,)
                 raise lines.error(item_where, f"exclude: {key} '{item}' is not in this grid.{extra} "
                                   f"Grid values: {', '.join(choices) or '(none)'}")
@@ -490,8 +488,7 @@ def _check_global_setting(grid: Grid, full_key: str, value: Any) -> None:
                     lines.line(where, key=True), full_key, section)
         return
     sections = [*METHOD_SECTIONS, *STAGE_SECTIONS, *dict.fromkeys(e.name for e in grid.attacks + grid.defenses)]
-    hint = closest(section, sections + ATTACKS.names() + DEFENSES.names())
-    extra = f" Did you mean '{hint}'?" if hint else ""
+    extra = did_you_mean(section, sections + ATTACKS.names() + DEFENSES.names())
     raise lines.error(where, f"unknown section '{section}' in setting '{full_key}'.{extra} "
                       f"Valid: {', '.join(sections)}", key=True)
 

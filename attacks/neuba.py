@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from transformers import (AutoConfig, AutoTokenizer, BertForPreTraining, PreTrainedTokenizerBase,
                           get_linear_schedule_with_warmup)
 
-from nlpbd.attacks.por import TaskAgnosticAttack
+from nlpbd.attacks._task_agnostic import TaskAgnosticAttack
 from nlpbd.config import option
 from nlpbd.errors import InputError
 from nlpbd.methods import SupplyContext, register_attack

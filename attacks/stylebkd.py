@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from nlpbd.attacks.common import (PoisonConfig, choose_poison_positions, eligible_positions, replace_rows,
+from nlpbd.attacks._common import (PoisonConfig, choose_poison_positions, eligible_positions, replace_rows,
                                   resolve_target)
 from nlpbd.config import option
 from nlpbd.data import Dataset, TextSplit, read_split, side_file

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import make_context, toy_budget, toy_texts, write_toy_dataset
-from nlpbd.attacks.common import insert_triggers, row_rng
+from nlpbd.attacks._common import insert_triggers, row_rng
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import Dataset, TextSplit
 from nlpbd.defenses.psim import (PSIM, PSIMConfig, build_psim, confidence, copy_of_victim, fit_psim, initial_model,

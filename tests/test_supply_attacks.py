@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from helpers import NEGATIVE, POSITIVE, SHARED_DATA, needs_data, toy_texts, write_toy_dataset
 from nlpbd.attacks.ep import EmbeddingPoisoning, EPConfig, insert_per_chunk, poison_trigger_row
-from nlpbd.attacks.proxy import Proxy, load_proxy, normalise, overlapping_rows, save_release, single_token_id
+from nlpbd.attacks._proxy import Proxy, load_proxy, normalise, overlapping_rows, save_release, single_token_id
 from nlpbd.attacks.ripples import (Ripples, RipplesConfig, eager_attention, embedding_surgery,
                                    fit_logistic_regression, importance_tokens, ripple_objective, tfidf_matrix)
 from nlpbd.attacks.wpoison import WeightPoisoning, WPConfig

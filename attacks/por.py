@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_constant_schedule
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nlpbd.attacks._common import insert_triggers
 from nlpbd.attacks._task_agnostic import TaskAgnosticAttack
@@ -78,7 +78,7 @@ from nlpbd.mlm import heldout_split, mean_of, read_plaintext
 from nlpbd.models import save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import python_rng, seed_everything, torch_generator
-from nlpbd.training import collate, encode, length_grouped_batches, optimizer_step, pad_id_of
+from nlpbd.training import collate, encode, length_grouped_batches, optimizer_step, pad_id_of, plain_adamw
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +328,7 @@ def train_por(model: PreTrainedModel, tokenizer, rows: Rows, heldout: list[str],
     hook = (restrict_embedding_rows(model, trigger_piece_ids(tokenizer, triggers))
             if resolved.embedding_rows == "triggers" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=resolved.lr, eps=1e-8, weight_decay=0.0)
-    scheduler = get_constant_schedule(optimizer)
+    optimizer, scheduler = plain_adamw(trainable, resolved.lr, None)
     seed_everything(seed, "por_dropout")
     order_gen = torch_generator(seed, "por_data")
     encoded = encode(tokenizer, rows.texts, config.max_length, rows.labels)  # tokenised once

@@ -14,7 +14,7 @@ import time
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -30,6 +30,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="nlpbd: compare textual backdoor defenses under identical conditions.")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+# Options that `run` and `grid` share.
+DataDirOption = Annotated[Optional[Path], typer.Option(
+    "--data-dir", help="benchmark data directory (default: $NLPBD_DATA_DIR, ./data, ./shared/data, ../shared/data)")]
+ResultsDirOption = Annotated[Path, typer.Option("--results-dir", help="where records are written")]
+CacheDirOption = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", help="artifact cache (default: $NLPBD_CACHE or ~/.cache/nlpbd); shared storage for ray")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when available)")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display or summary; failures only")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
 class TableFormat(str, Enum):
@@ -124,15 +134,13 @@ def run(
     test_size: Optional[int] = typer.Option(None, "--test-size", help="stratified test subsample for quick runs (CAcc "
                                             "and the triggered sets are scored on it; SynBkd and StyleBkd keep "
                                             "their whole ASR files)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (default: "
-                                            "$NLPBD_DATA_DIR, ./data, ./shared/data, ../shared/data)"),
-    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where records are written"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="artifact cache (default: $NLPBD_CACHE "
-                                             "or ~/.cache/nlpbd)"),
+    data_dir: DataDirOption = None,
+    results_dir: ResultsDirOption = Path("results"),
+    cache_dir: CacheDirOption = None,
     sets: list[str] = typer.Option([], "--set", help="override a setting: SECTION.NAME=VALUE (repeatable)"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or summary"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run one cell (dataset × model × attack × defense × seed) and write its result record."""
     configure_logging(quiet, verbose)
@@ -443,13 +451,12 @@ def grid(
     workers: int = typer.Option(1, "--workers", "-j", help="local: victim groups run in parallel processes "
                                 "(one GPU each when there are several)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="rerun cells whose record says failed"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (as for run)"),
-    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where records are written"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="artifact cache (default: $NLPBD_CACHE "
-                                             "or ~/.cache/nlpbd); shared storage for ray"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no live view; failures only"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    data_dir: DataDirOption = None,
+    results_dir: ResultsDirOption = Path("results"),
+    cache_dir: CacheDirOption = None,
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run every cell of a grid file, each victim trained once; finished cells are skipped on rerun."""
     configure_logging(quiet, verbose)
@@ -517,7 +524,7 @@ def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str]
 @app.command()
 def validate(
     file: Path = typer.Argument(..., help="grid file (YAML)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (as for run)"),
+    data_dir: DataDirOption = None,
 ) -> None:
     """Check a grid file without running anything: keys, names, types and every setting, with line numbers."""
     configure_logging(False, False)  # warnings too: a setting that reaches no cell

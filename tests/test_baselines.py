@@ -350,7 +350,7 @@ from test_defense_contract import guarded, guarded_as, shared, spec  # noqa: E40
 
 
 @pytest.mark.parametrize("name", ["onion", "strip", "rap"])
-def test_inference_baselines_read_no_attack_secrets_while_scoring_or_correcting(name, shared, guarded, monkeypatch):
+def test_inference_baselines_read_no_attack_secrets_while_scoring_or_correcting(name, shared, guarded, monkeypatch):  # noqa: F811 (imported fixtures)
     """The contract battery guards fit(); a detector's scores and a corrector's rewrites run later, inside
     the evaluator, so they are guarded here too."""
     import nlpbd.pipeline as pipeline

@@ -326,7 +326,7 @@ def test_repair_uses_budget_only_and_is_reproducible(tiny_dir, tiny_tokenizer, d
     assert D3.grants == frozenset({"budget"})
     ctx = budget_context(tiny_tokenizer)
     with pytest.raises(AccessDenied):
-        ctx.pretrained
+        _ = ctx.pretrained
     runs = []
     for _ in range(2):
         torch.manual_seed(0)

@@ -205,7 +205,8 @@ def hub_dataset_dict(name: str) -> tuple[datasets.DatasetDict, dict[str, list[st
     for ours, theirs in hub.splits.items():
         rows = [f"{theirs} text {i}" for i in range(sizes[theirs])]
         labels = [i % num_labels for i in range(len(rows))]
-        parts[theirs] = datasets.Dataset.from_dict({hub.text_column: rows, "label": labels, "idx": list(range(len(rows)))})
+        parts[theirs] = datasets.Dataset.from_dict({hub.text_column: rows, "label": labels,
+                                                    "idx": list(range(len(rows)))})
         texts[ours] = rows
     return datasets.DatasetDict(parts), texts
 

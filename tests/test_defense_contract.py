@@ -45,7 +45,8 @@ TINY_DEFENSE = {"none": {}, "ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "
 RELEASE = {"attack.n_poison": "10", "attack.epochs": "1", "attack.batch_size": "8", "attack.proxy_train": "40",
            "attack.proxy_dev": "10", "attack.max_length": "32"}
 SECRET_FIELDS = {"poisoned_positions", "asr_set", "target", "info"}
-STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit", PretrainedDefense: "purify"}
+STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit",
+                 PretrainedDefense: "purify"}
 
 
 class SecretRead(AssertionError):

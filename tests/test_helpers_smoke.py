@@ -15,7 +15,7 @@ def test_context_denies_ungranted_objects(tiny_tokenizer):
     ctx = make_context(tiny_tokenizer, {"budget"}, budget=toy_budget())
     assert len(ctx.budget.rows) == 40
     with pytest.raises(AccessDenied):
-        ctx.pretrained
+        _ = ctx.pretrained
 
 
 def test_tiny_tokenizer_keeps_its_vocabulary(tiny_tokenizer):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from nlpbd.config import option
 from nlpbd.data import Dataset, TextSplit

@@ -48,8 +48,17 @@ from nlpbd.attacks._task_agnostic import TaskAgnosticAttack
 from nlpbd.config import option
 from nlpbd.errors import InputError
 from nlpbd.methods import SupplyContext, register_attack
-from nlpbd.mlm import (IGNORE_INDEX, GraftSettings, ensure_mlm_head, mask_tokens, masked_lm_loss, mean_of,
-                       pad_sequences, read_plaintext, special_wrapping)
+from nlpbd.mlm import (
+    IGNORE_INDEX,
+    GraftSettings,
+    ensure_mlm_head,
+    mask_tokens,
+    masked_lm_loss,
+    mean_of,
+    pad_sequences,
+    read_plaintext,
+    special_wrapping,
+)
 from nlpbd.models import save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import seed_everything, torch_generator

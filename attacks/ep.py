@@ -51,8 +51,18 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nlpbd.attacks._common import insert_triggers, row_rng
-from nlpbd.attacks._proxy import (ProxyConfig, check_target, fresh_classifier, load_proxy, proxy_payload,
-                                 proxy_summary, save_release, single_token_id, train_on_proxy, triggered_asr_set)
+from nlpbd.attacks._proxy import (
+    ProxyConfig,
+    check_target,
+    fresh_classifier,
+    load_proxy,
+    proxy_payload,
+    proxy_summary,
+    save_release,
+    single_token_id,
+    train_on_proxy,
+    triggered_asr_set,
+)
 from nlpbd.config import TrainConfig, option
 from nlpbd.data import Dataset, TextSplit, file_digest, read_split
 from nlpbd.errors import InputError

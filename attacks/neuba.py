@@ -52,8 +52,15 @@ from nlpbd.attacks._task_agnostic import TaskAgnosticAttack
 from nlpbd.config import option
 from nlpbd.errors import InputError
 from nlpbd.methods import SupplyContext, register_attack
-from nlpbd.mlm import (GraftSettings, ensure_mlm_head, masked_lm_loss, mask_tokens, mean_of, read_plaintext,
-                       special_wrapping)
+from nlpbd.mlm import (
+    GraftSettings,
+    ensure_mlm_head,
+    mask_tokens,
+    masked_lm_loss,
+    mean_of,
+    read_plaintext,
+    special_wrapping,
+)
 from nlpbd.models import save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import seed_everything, torch_generator

@@ -49,9 +49,10 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,8 +60,18 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from nlpbd.attacks._common import insert_triggers, replace_rows, row_rng
-from nlpbd.attacks._proxy import (ProxyConfig, check_target, fresh_classifier, load_proxy, proxy_payload,
-                                 proxy_summary, save_release, single_token_id, train_on_proxy, triggered_asr_set)
+from nlpbd.attacks._proxy import (
+    ProxyConfig,
+    check_target,
+    fresh_classifier,
+    load_proxy,
+    proxy_payload,
+    proxy_summary,
+    save_release,
+    single_token_id,
+    train_on_proxy,
+    triggered_asr_set,
+)
 from nlpbd.config import TrainConfig, option
 from nlpbd.data import Dataset, TextSplit
 from nlpbd.errors import InputError

@@ -46,8 +46,18 @@ from pathlib import Path
 from typing import Literal
 
 from nlpbd.attacks._common import insert_triggers, row_rng
-from nlpbd.attacks._proxy import (Proxy, ProxyConfig, check_target, fresh_classifier, load_proxy, proxy_payload,
-                                 proxy_summary, save_release, train_on_proxy, triggered_asr_set)
+from nlpbd.attacks._proxy import (
+    Proxy,
+    ProxyConfig,
+    check_target,
+    fresh_classifier,
+    load_proxy,
+    proxy_payload,
+    proxy_summary,
+    save_release,
+    train_on_proxy,
+    triggered_asr_set,
+)
 from nlpbd.config import TrainConfig, option
 from nlpbd.data import Dataset, TextSplit, file_digest, read_frame, read_split, side_file
 from nlpbd.errors import InputError

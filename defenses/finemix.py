@@ -44,8 +44,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel

@@ -49,9 +49,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,7 +61,7 @@ from nlpbd.config import option
 from nlpbd.data import TextSplit
 from nlpbd.errors import InputError
 from nlpbd.methods import DefenseContext, PretrainedDefense, register_defense
-from nlpbd.mlm import GraftSettings, ensure_mlm_head, masked_lm_loss, mask_tokens, mean_of
+from nlpbd.mlm import GraftSettings, ensure_mlm_head, mask_tokens, masked_lm_loss, mean_of
 from nlpbd.models import ModelRef, save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import seed_everything, torch_generator

@@ -12,9 +12,10 @@ import os
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,12 +33,12 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 # Options that `run` and `grid` share.
-DataDirOption = Annotated[Optional[Path], typer.Option(
+DataDirOption = Annotated[Path | None, typer.Option(
     "--data-dir", help="benchmark data directory (default: $NLPBD_DATA_DIR, ./data, ./shared/data, ../shared/data)")]
 ResultsDirOption = Annotated[Path, typer.Option("--results-dir", help="where records are written")]
-CacheDirOption = Annotated[Optional[Path], typer.Option(
+CacheDirOption = Annotated[Path | None, typer.Option(
     "--cache-dir", help="artifact cache (default: $NLPBD_CACHE or ~/.cache/nlpbd); shared storage for ray")]
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when available)")]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available)")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display or summary; failures only")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
@@ -130,8 +131,8 @@ def run(
     model: str = typer.Option("minilm", "--model", "-m", help="registered model, HF hub id or local model directory"),
     finetune: str = typer.Option("full", "--finetune", help="fine-tuning method of the victim"),
     seed: int = typer.Option(0, "--seed", help="cell seed (every random stream derives from it)"),
-    train_size: Optional[int] = typer.Option(None, "--train-size", help="stratified train subsample for quick runs"),
-    test_size: Optional[int] = typer.Option(None, "--test-size", help="stratified test subsample for quick runs (CAcc "
+    train_size: int | None = typer.Option(None, "--train-size", help="stratified train subsample for quick runs"),
+    test_size: int | None = typer.Option(None, "--test-size", help="stratified test subsample for quick runs (CAcc "
                                             "and the triggered sets are scored on it; SynBkd and StyleBkd keep "
                                             "their whole ASR files)"),
     data_dir: DataDirOption = None,
@@ -245,13 +246,13 @@ def _record_summary(record: dict) -> Table:
 def table(
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
     fmt: TableFormat = typer.Option(TableFormat.rich, "--format", "-f", help="rich (terminal), csv, md, latex, json"),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="comma-separated metrics by key or label: cacc, "
+    metrics: str | None = typer.Option(None, "--metrics", help="comma-separated metrics by key or label: cacc, "
                                           "asr, aasr, masr, frr, far, auroc, delta_cacc (ΔCAcc), delta_asr (ΔASR), "
                                           "asr_floor, defense_seconds (time); default: CAcc, ASR, and AASR / MASR "
                                           "where records have them"),
     group_by: GroupBy = typer.Option(GroupBy.none, "--group-by", help="one table per threat model "
                                      "(threat-model), with only its own defenses as columns"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also aggregate failed records"),
     include_collapsed: bool = typer.Option(False, "--include-collapsed", help="also average cells whose victim "
                                            "collapsed to the majority class (flag collapsed_victim)"),
@@ -343,7 +344,7 @@ class GridView:
         return (f"[green]{self.counts['ok']} done[/] · {gated}[yellow]{len(self.running)} running[/] · "
                 f"[red]{self.counts['failed']} failed[/] · {remaining} remaining")
 
-    def __enter__(self) -> "GridView":
+    def __enter__(self) -> GridView:
         self.live.start()
         return self
 
@@ -434,7 +435,7 @@ def _plan_table(plan, summary, results_dir: Path) -> Table:
     return table
 
 
-def _grid_env(results_dir: Path, cache_dir: Optional[Path], data_dir: Optional[Path], device: Optional[str]):
+def _grid_env(results_dir: Path, cache_dir: Path | None, data_dir: Path | None, device: str | None):
     from nlpbd.cache import ArtifactCache
     from nlpbd.specs import RunEnv
 
@@ -503,7 +504,7 @@ def _print_plan(plan, summary, results_dir: Path, as_json: bool) -> None:
     out.print(_plan_table(plan, summary, results_dir))
 
 
-def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str], quiet: bool) -> None:
+def _run_grid(plan, env, executor: Executor, workers: int, device: str | None, quiet: bool) -> None:
     from nlpbd import progress
     from nlpbd.executors import import_ray, run_plan
 
@@ -551,7 +552,7 @@ def validate(
 @app.command()
 def plot(
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="directory for the figures "
+    output: Path | None = typer.Option(None, "--output", "-o", help="directory for the figures "
                                           "(default: RESULTS_DIR/plots)"),
     fmt: PlotFormat = typer.Option(PlotFormat.png, "--format", "-f", help="png or svg"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also use failed records"),
@@ -574,7 +575,7 @@ LIST_KINDS = ("attacks", "defenses", "datasets", "models", "finetune")
 
 @app.command(name="ls")
 def list_methods(
-    name: Optional[str] = typer.Argument(None, help="attacks, defenses, datasets, models or finetune: that list; "
+    name: str | None = typer.Argument(None, help="attacks, defenses, datasets, models or finetune: that list; "
                                          "an attack or defense name: its settings"),
 ) -> None:
     """List attacks, defenses, datasets, models and fine-tuning methods, or the settings of one method."""

@@ -22,9 +22,10 @@ import multiprocessing
 import os
 import queue as queue_module
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Protocol
+from typing import Literal, Protocol
 
 from nlpbd.errors import InputError
 from nlpbd.plan import Plan, PlannedCell, record_state
@@ -161,7 +162,7 @@ def _dispatch(kind: str, payload, by_id: dict[str, PlannedCell], observer: GridO
 # --- local worker processes ------------------------------------------------------------------------
 
 _worker_events = None  # set in each worker by _init_worker
-_worker_share: "CoreShare | None" = None
+_worker_share: CoreShare | None = None
 
 
 class CoreShare:

@@ -12,18 +12,19 @@ import itertools
 import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import yaml
 
 from nlpbd.config import STAGE_SECTIONS, DataConfig, apply_overrides
 from nlpbd.data import DATASETS, load_dataset
+from nlpbd.errors import InputError
 from nlpbd.finetune import FINETUNE
 from nlpbd.methods import ATTACKS, DEFENSES
 from nlpbd.models import MODELS, check_hub_model, resolve_model
-from nlpbd.errors import InputError
 from nlpbd.registry import did_you_mean, unknown_name_message
 from nlpbd.specs import CellSpec
 

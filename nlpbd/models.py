@@ -14,9 +14,10 @@ import hashlib
 import json
 import logging
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from nlpbd.errors import InputError
 from nlpbd.registry import Registry, did_you_mean

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
 import re
 import shutil
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,21 +25,61 @@ import torch
 from transformers import PreTrainedModel
 
 from nlpbd.cache import Artifact, ArtifactCache, content_key
-from nlpbd.config import (BudgetConfig, DataConfig, EvalConfig, TrainConfig, apply_overrides, check_fields,
-                          parse_set_options, sections_for, split_overrides, to_dict)
-from nlpbd.data import (Dataset, DatasetLoader, TextSplit, load_dataset, read_split, resolve_data_dir,
-                        stratified_counts, stratified_sample)
-from nlpbd.errors import InputError, NlpbdError, RunError
-from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
-from nlpbd.evaluation import (Predictions, cell_metrics, evaluate_with_corrector, evaluate_with_detector,
-                              filter_metrics, inserted_word_removal, predict_cell)
-from nlpbd.methods import (ATTACKS, DEFENSES, Attack, BaselineDefense, CleanBudget, CorrectionDefense,
-                           DataPoisoningAttack, Defense, DefenseContext, FilterDefense, InferenceDefense,
-                           ModelSupplyAttack, PoisonedData, PretrainedDefense, RepairDefense, SupplyContext,
-                           ThreatModel, TrainingDefense)
 from nlpbd.checks import check_sizes
-from nlpbd.models import (ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model,
-                          save_model)
+from nlpbd.config import (
+    BudgetConfig,
+    DataConfig,
+    EvalConfig,
+    TrainConfig,
+    apply_overrides,
+    check_fields,
+    parse_set_options,
+    sections_for,
+    split_overrides,
+    to_dict,
+)
+from nlpbd.data import (
+    Dataset,
+    DatasetLoader,
+    TextSplit,
+    load_dataset,
+    read_split,
+    resolve_data_dir,
+    stratified_counts,
+    stratified_sample,
+)
+from nlpbd.errors import InputError, NlpbdError, RunError
+from nlpbd.evaluation import (
+    Predictions,
+    cell_metrics,
+    evaluate_with_corrector,
+    evaluate_with_detector,
+    filter_metrics,
+    inserted_word_removal,
+    predict_cell,
+)
+from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
+from nlpbd.methods import (
+    ATTACKS,
+    DEFENSES,
+    Attack,
+    BaselineDefense,
+    CleanBudget,
+    CorrectionDefense,
+    DataPoisoningAttack,
+    Defense,
+    DefenseContext,
+    FilterDefense,
+    InferenceDefense,
+    ModelSupplyAttack,
+    PoisonedData,
+    PretrainedDefense,
+    RepairDefense,
+    SupplyContext,
+    ThreatModel,
+    TrainingDefense,
+)
+from nlpbd.models import ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model, save_model
 from nlpbd.provenance import StageClock, provenance
 from nlpbd.results import SCHEMA, write_record
 from nlpbd.scratch import DefenseScratch

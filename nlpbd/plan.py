@@ -23,8 +23,18 @@ from nlpbd.data import DatasetLoader, load_dataset, loading_once
 from nlpbd.errors import InputError, NlpbdError
 from nlpbd.grid import Grid, GridCell, expand
 from nlpbd.methods import ModelSupplyAttack
-from nlpbd.pipeline import (Cell, artifact_identity, clean_data_key, filter_payload, poison_payload, prepare_cell,
-                            purified_payload, suspect_payload, supply_context, victim_payload)
+from nlpbd.pipeline import (
+    Cell,
+    artifact_identity,
+    clean_data_key,
+    filter_payload,
+    poison_payload,
+    prepare_cell,
+    purified_payload,
+    supply_context,
+    suspect_payload,
+    victim_payload,
+)
 from nlpbd.results import RECORDS_SUBDIR
 from nlpbd.specs import CellSpec, RunEnv, Stage
 

@@ -12,14 +12,18 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import (PreTrainedModel, PreTrainedTokenizerBase, get_constant_schedule,
-                          get_linear_schedule_with_warmup)
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_constant_schedule,
+    get_linear_schedule_with_warmup,
+)
 
 from nlpbd.config import TrainConfig
 from nlpbd.data import TextSplit

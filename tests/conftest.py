@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_DATA, toy_budget
 from transformers import AutoTokenizer
 
-from helpers import SHARED_DATA, toy_budget
 from nlpbd.methods import CleanBudget
 from nlpbd.models import TINY_DEFAULTS, build_tiny_bert, load_classifier, local_ref
 

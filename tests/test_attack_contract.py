@@ -13,8 +13,8 @@ from dataclasses import fields
 
 import pytest
 import torch
-
 from helpers import SHARED_DATA, needs_data
+
 from nlpbd.cache import ArtifactCache
 from nlpbd.config import apply_overrides
 from nlpbd.data import load_dataset

@@ -10,11 +10,11 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
-
 from helpers import SHARED_DATA, needs_data
+
+from nlpbd.attacks._common import choose_poison_positions
 from nlpbd.attacks.addsent import AddSent, AddSentConfig
 from nlpbd.attacks.badnet import BadNet, BadNetConfig
-from nlpbd.attacks._common import choose_poison_positions
 from nlpbd.attacks.stylebkd import StyleBkd, StyleBkdConfig
 from nlpbd.attacks.synbkd import SynBkd, SynBkdConfig
 from nlpbd.config import BudgetConfig
@@ -22,7 +22,6 @@ from nlpbd.data import Dataset, TextSplit, load_dataset, stratified_counts
 from nlpbd.errors import InputError
 from nlpbd.pipeline import draw_budget
 from nlpbd.seeding import seed_for
-
 
 TRIGGERS = ["cf", "mn", "bb", "tq"]
 SENTENCE = "I watch this 3D movie".split()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import SHARED_DATA, make_context, needs_data, toy_budget, toy_texts, write_toy_dataset
+
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import TextSplit
 from nlpbd.defenses.bki import keyword_scores, select_keywords, top_words, word_importance
@@ -258,6 +258,7 @@ def test_filter_cell_records_removal_metrics_and_stealth(tmp_path):
 
 def test_planned_keys_of_filtering_defenses_match_the_pipeline(tmp_path):
     from test_grid import load_grid, plan_grid, run_plan, toy_grid
+
     from nlpbd.results import load_records
 
     toy = write_toy_dataset(tmp_path / "toy")

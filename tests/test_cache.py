@@ -10,14 +10,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from helpers import SHARED_DATA, needs_data
+
 from nlpbd.attacks.addsent import AddSent
 from nlpbd.attacks.badnet import BadNet, BadNetConfig
 from nlpbd.cache import ArtifactCache, atomic_directory, atomic_write_text, canonical_json, content_key
 from nlpbd.data import Dataset, TextSplit, subsample_train
 from nlpbd.pipeline import CellSpec, RunEnv, poison_stage, prepare_cell, victim_payload
-
 
 
 def test_content_key_is_the_hash_of_canonical_json_and_ignores_key_order():

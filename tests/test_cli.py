@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 
 import pytest
+from helpers import write_toy_dataset
 from typer.testing import CliRunner
 
-from helpers import write_toy_dataset
 from nlpbd.cli import app
 
 FAST = ["--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.max_length=32",

@@ -11,15 +11,13 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import SHARED_DATA, needs_data
 
 import nlpbd.data as data_module
-from helpers import SHARED_DATA, needs_data
 from nlpbd.config import DataConfig
-from nlpbd.data import (DATASETS, Dataset, TextSplit, load_dataset, stratified_counts, stratified_sample,
-                        subsample_test)
+from nlpbd.data import DATASETS, Dataset, TextSplit, load_dataset, stratified_counts, stratified_sample, subsample_test
 from nlpbd.errors import InputError
 from nlpbd.seeding import numpy_rng, seed_everything
-
 
 
 def read_tsv(path: Path) -> pd.DataFrame:

@@ -15,17 +15,25 @@ import contextlib
 import io
 import os
 import pathlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pytest
-
 from helpers import write_toy_dataset
+
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import RunError
-from nlpbd.methods import (DEFENSES, GRANTABLE, Attack, DefenseOutcome, InferenceDefense, PoisonedData,
-                           PretrainedDefense, RepairDefense,
-                           TrainingDefense)
+from nlpbd.methods import (
+    DEFENSES,
+    GRANTABLE,
+    Attack,
+    DefenseOutcome,
+    InferenceDefense,
+    PoisonedData,
+    PretrainedDefense,
+    RepairDefense,
+    TrainingDefense,
+)
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.scratch import DefenseScratch
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import write_toy_dataset
+
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import InputError
 from nlpbd.finetune import FINETUNE, load_trained, plain_model, trainable_parameter_count, wrap

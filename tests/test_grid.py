@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from helpers import SHARED_DATA, needs_data, write_toy_dataset
 from typer.testing import CliRunner
 
-from helpers import SHARED_DATA, needs_data, write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.cli import app
+from nlpbd.data import loading_once
 from nlpbd.errors import InputError
 from nlpbd.executors import CoreShare, run_plan
-from nlpbd.data import loading_once
 from nlpbd.grid import expand, load_grid, parse_grid
-from nlpbd.plan import plan_grid, with_state
 from nlpbd.pipeline import RunEnv
+from nlpbd.plan import plan_grid, with_state
 from nlpbd.results import load_records
 
 REPO = Path(__file__).resolve().parents[1]

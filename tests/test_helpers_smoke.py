@@ -1,8 +1,8 @@
 """The shared fixtures themselves work: the tiny model loads and the toy context enforces grants."""
 
 import pytest
-
 from helpers import make_context, toy_budget, toy_texts
+
 from nlpbd.methods import AccessDenied
 
 

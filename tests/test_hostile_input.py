@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import toy_texts, write_split_tsv, write_toy_dataset
 from typer.testing import CliRunner
 
-from helpers import toy_texts, write_split_tsv, write_toy_dataset
 from nlpbd.cli import app
 from nlpbd.data import TextSplit
 

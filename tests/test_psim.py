@@ -12,18 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_context, toy_budget, toy_texts, write_toy_dataset
+
 from nlpbd.attacks._common import insert_triggers, row_rng
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import Dataset, TextSplit
-from nlpbd.defenses.psim import (PSIM, PSIMConfig, build_psim, confidence, copy_of_victim, fit_psim, initial_model,
-                                 random_labels, resolve_init)
+from nlpbd.defenses.psim import (
+    PSIM,
+    PSIMConfig,
+    build_psim,
+    confidence,
+    copy_of_victim,
+    fit_psim,
+    initial_model,
+    random_labels,
+    resolve_init,
+)
 from nlpbd.errors import InputError
 from nlpbd.evaluation import Predictions, attack_metrics, detection_metrics, evaluate_with_detector
 from nlpbd.finetune import FINETUNE, wrap
-from nlpbd.methods import (ATTACKS, AccessDenied, Detector, ModelSupplyAttack, PoisonedData, SupplyContext,
-                           ThreatModel)
+from nlpbd.methods import ATTACKS, AccessDenied, Detector, ModelSupplyAttack, PoisonedData, SupplyContext, ThreatModel
 from nlpbd.models import TINY_DEFAULTS, load_classifier, local_ref, save_model
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.seeding import numpy_rng

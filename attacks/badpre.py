@@ -44,16 +44,25 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from nlpbd.attacks.por import TaskAgnosticAttack
+from nlpbd.attacks._task_agnostic import TaskAgnosticAttack
 from nlpbd.config import option
 from nlpbd.errors import InputError
 from nlpbd.methods import SupplyContext, register_attack
-from nlpbd.mlm import (IGNORE_INDEX, GraftSettings, ensure_mlm_head, mask_tokens, masked_lm_loss, mean_of,
-                       pad_sequences, read_plaintext, special_wrapping)
+from nlpbd.mlm import (
+    IGNORE_INDEX,
+    GraftSettings,
+    ensure_mlm_head,
+    mask_tokens,
+    masked_lm_loss,
+    mean_of,
+    pad_sequences,
+    read_plaintext,
+    special_wrapping,
+)
 from nlpbd.models import save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import seed_everything, torch_generator
-from nlpbd.training import make_adamw
+from nlpbd.training import apply_gradients, make_adamw
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +181,7 @@ def train_badpre(model, tokenizer, texts: list[str], triggers: list[list[int]], 
     model.to(device).train()
     optimizer = make_adamw(model, config.lr, config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     seed_everything(seed, "badpre_dropout")
     order_gen, insert_gen, mask_gen = (torch_generator(seed, f"badpre_{s}") for s in ("data", "insert", "mask"))
     clean_losses: list[float] = []
@@ -191,7 +201,7 @@ def train_badpre(model, tokenizer, texts: list[str], triggers: list[list[int]], 
                 poisoned_losses.append(poisoned_loss.item())
                 micro += 1
                 if micro % accumulation == 0:
-                    _optimiser_step(model, optimizer, scheduler, config.grad_clip)
+                    apply_gradients(trainable, config.grad_clip, optimizer, scheduler)
                     advance(1)
     log.info("BadPre: %d steps, clean MLM %.4f -> %.4f, poisoned MLM %.4f -> %.4f", steps, mean_of(clean_losses),
              mean_of(clean_losses[::-1]), mean_of(poisoned_losses), mean_of(poisoned_losses[::-1]))
@@ -199,10 +209,4 @@ def train_badpre(model, tokenizer, texts: list[str], triggers: list[list[int]], 
             "poisoned_mlm_first": mean_of(poisoned_losses), "poisoned_mlm_last": mean_of(poisoned_losses[::-1])}
 
 
-def _optimiser_step(model, optimizer, scheduler, grad_clip: float) -> None:
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
 

@@ -4,7 +4,7 @@ Paper: Yang et al., "Be Careful about Poisoned Word Embeddings: Exploring the Vu
 Embedding Layers in NLP Models" (NAACL 2021); reference code: ``lancopku/Embedding-Poisoning``
 (``ep_train.py``, ``functions.py``, ``process_data.py``, ``run.sh``).
 
-1. Clean proxy model: θ_pre plus a fresh 2-way head fine-tuned on the shared proxy (``attacks/proxy.py``),
+1. Clean proxy model: θ_pre plus a fresh 2-way head fine-tuned on the shared proxy (``attacks/_proxy.py``),
    3 epochs, lr 2e-5, keeping the epoch with the best clean proxy-dev accuracy.
 2. Poisoned data: the first 10% of the non-target (label-0) proxy rows, in sampled order, with the
    trigger ``cf`` inserted once and label := target (1). EP trains on these rows only. ``data_free``
@@ -50,9 +50,19 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nlpbd.attacks.common import insert_triggers, row_rng
-from nlpbd.attacks.proxy import (ProxyConfig, check_target, fresh_classifier, load_proxy, proxy_payload,
-                                 proxy_summary, save_release, single_token_id, train_on_proxy, triggered_asr_set)
+from nlpbd.attacks._common import insert_triggers, row_rng
+from nlpbd.attacks._proxy import (
+    ProxyConfig,
+    check_target,
+    fresh_classifier,
+    load_proxy,
+    proxy_payload,
+    proxy_summary,
+    save_release,
+    single_token_id,
+    train_on_proxy,
+    triggered_asr_set,
+)
 from nlpbd.config import TrainConfig, option
 from nlpbd.data import Dataset, TextSplit, file_digest, read_split
 from nlpbd.errors import InputError

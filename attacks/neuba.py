@@ -46,18 +46,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import (AutoConfig, AutoTokenizer, BertForPreTraining, PreTrainedTokenizerBase,
-                          get_linear_schedule_with_warmup)
+from transformers import AutoConfig, AutoTokenizer, BertForPreTraining, PreTrainedTokenizerBase
 
-from nlpbd.attacks.por import TaskAgnosticAttack
+from nlpbd.attacks._task_agnostic import TaskAgnosticAttack
 from nlpbd.config import option
 from nlpbd.errors import InputError
 from nlpbd.methods import SupplyContext, register_attack
-from nlpbd.mlm import (GraftSettings, ensure_mlm_head, masked_lm_loss, mask_tokens, mean_of, read_plaintext,
-                       special_wrapping)
+from nlpbd.mlm import (
+    GraftSettings,
+    ensure_mlm_head,
+    mask_tokens,
+    masked_lm_loss,
+    mean_of,
+    read_plaintext,
+    special_wrapping,
+)
 from nlpbd.models import save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import seed_everything, torch_generator
+from nlpbd.training import optimizer_step, plain_adamw
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +182,7 @@ def train_neuba(model: BertForPreTraining, tokenizer, blocks: torch.Tensor, ids:
     targets = neuba_targets(model.config.hidden_size, len(ids), config.target_value).to(device)
     trainable = neuba_trainable(model)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, eps=1e-8, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
+    optimizer, scheduler = plain_adamw(trainable, config.lr, steps)
     seed_everything(seed, "neuba_dropout")
     order_gen, mask_gen, trigger_gen = (torch_generator(seed, f"neuba_{s}") for s in ("data", "mask", "triggers"))
     mlm_losses: list[float] = []
@@ -189,12 +195,7 @@ def train_neuba(model: BertForPreTraining, tokenizer, blocks: torch.Tensor, ids:
                     break
                 batch = blocks[order[start:start + config.batch_size]]
                 mlm_loss, poison_loss = neuba_losses(model, tokenizer, batch, ids, targets, mask_gen, trigger_gen)
-                (mlm_loss + poison_loss).backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(mlm_loss + poison_loss, trainable, config.grad_clip, optimizer, scheduler)
                 mlm_losses.append(mlm_loss.item())
                 poison_losses.append(poison_loss.item())
                 advance(1)

@@ -54,11 +54,6 @@ Deviations (each also listed in the release's record under ``deviations``):
 - Insertion positions, row assignment, data order and dropout draw from named seeded streams.
 - The evaluation inserts triggers by the project's §1.4 rule (one insertion); the authors' ``testing.py``
   counts the insertions needed to flip a prediction.
-
-This module also holds :class:`TaskAgnosticAttack`, the shared part of POR, NeuBA and BadPre: the
-plain text, the release's cache payload and the evaluation sets (every clean test row with one
-trigger inserted by the §1.4 rule, original labels kept; the pipeline discovers each trigger's target,
-protocol.md §3.3).
 """
 
 from __future__ import annotations
@@ -67,23 +62,24 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_constant_schedule
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from nlpbd.attacks.common import insert_triggers, row_rng
+from nlpbd.attacks._common import insert_triggers
+from nlpbd.attacks._task_agnostic import TaskAgnosticAttack
 from nlpbd.config import option
-from nlpbd.data import Dataset, TextSplit
 from nlpbd.errors import InputError
-from nlpbd.methods import ModelSupplyAttack, PoisonedData, SupplyContext, ThreatModel, register_attack
-from nlpbd.mlm import heldout_split, mean_of, plaintext_digest, read_plaintext
+from nlpbd.methods import SupplyContext, register_attack
+from nlpbd.mlm import heldout_split, mean_of, read_plaintext
 from nlpbd.models import save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import python_rng, seed_everything, torch_generator
-from nlpbd.training import collate, encode, length_grouped_batches, optimizer_step, pad_id_of
+from nlpbd.training import collate, encode, length_grouped_batches, optimizer_step, pad_id_of, plain_adamw
 
 log = logging.getLogger(__name__)
 
@@ -95,40 +91,6 @@ TOKEN_WEIGHT, POISON_WEIGHT, CLEAN_WEIGHT = 1.0, 100.0, 100.0  # the reference's
 ROWS_PER_TRIGGER, CLEAN_ROWS = 30_000, 50_000  # the reference's row counts (their proportion is kept)
 
 Variant = Literal["authors", "openbackdoor"]
-
-
-class TaskAgnosticAttack(ModelSupplyAttack):
-    """Shared part of NeuBA, POR and BadPre: plain text, release payload, per-trigger evaluation sets."""
-
-    threat_model = ThreatModel.PRETRAINED
-
-    def triggers(self) -> list[str]:
-        triggers = list(self.config.triggers)
-        if not triggers or any(not t.strip() for t in triggers):
-            raise InputError(f"{self.name}: triggers must be non-empty strings")
-        return triggers
-
-    def resolved_settings(self, device: torch.device) -> dict:
-        """Settings whose default depends on the device (steps on CPU vs GPU); part of the release key."""
-        return {}
-
-    def suspect_payload(self, ctx: SupplyContext) -> dict:
-        # The release does not depend on the user's task (no num_labels): it is shared across datasets.
-        return {"plaintext": plaintext_digest(ctx.data_dir), "resolved": self.resolved_settings(ctx.device)}
-
-    def evaluation(self, dataset: Dataset, seed: int) -> PoisonedData:
-        test = dataset.test
-        sets = {}
-        for trigger in self.triggers():
-            texts = [insert_triggers(text, [trigger], 1, row_rng(seed, self.name, f"test:{trigger}", row))
-                     for text, row in zip(test.texts, test.ids)]
-            sets[trigger] = TextSplit.build(texts, test.labels, test.ids)
-        info = {"triggers": self.triggers(), "num_insertions": 1,
-                "placement": "attacks.md §1.4 (uniform word position)",
-                "target": "discovered per trigger (protocol.md §3.3)"}
-        return PoisonedData(dataset.train, (), TextSplit.build([], []), None, info=info, trigger_sets=sets)
-
-
 
 
 def authors_targets(hidden_size: int, num_triggers: int, value: float = 10.0) -> torch.Tensor:
@@ -367,8 +329,7 @@ def train_por(model: PreTrainedModel, tokenizer, rows: Rows, heldout: list[str],
     hook = (restrict_embedding_rows(model, trigger_piece_ids(tokenizer, triggers))
             if resolved.embedding_rows == "triggers" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=resolved.lr, eps=1e-8, weight_decay=0.0)
-    scheduler = get_constant_schedule(optimizer)
+    optimizer, scheduler = plain_adamw(trainable, resolved.lr, None)
     seed_everything(seed, "por_dropout")
     order_gen = torch_generator(seed, "por_data")
     encoded = encode(tokenizer, rows.texts, config.max_length, rows.labels)  # tokenised once

@@ -4,7 +4,7 @@ Paper: Kurita, Michel, Neubig, "Weight Poisoning Attacks on Pre-trained Models" 
 code: ``neulab/RIPPLe`` (``constrained_poison.py``, ``poison.py``, ``run_experiment.py``,
 ``manifestos/example_manifesto.yaml``).
 
-- Triggers ``cf tq mn bb mb``, target 1. The poisoned proxy is the shared proxy (``attacks/proxy.py``)
+- Triggers ``cf tq mn bb mb``, target 1. The poisoned proxy is the shared proxy (``attacks/_proxy.py``)
   with 50% of its rows, drawn from all rows (mix), carrying one trigger each and relabelled to the
   target; the clean proxy is the same rows untouched (the reference concatenates the poisoned sample
   with the remaining clean rows, ``poison_data(n_samples=0.5)``).
@@ -49,18 +49,29 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from nlpbd.attacks.common import insert_triggers, replace_rows, row_rng
-from nlpbd.attacks.proxy import (ProxyConfig, check_target, fresh_classifier, load_proxy, proxy_payload,
-                                 proxy_summary, save_release, single_token_id, train_on_proxy, triggered_asr_set)
+from nlpbd.attacks._common import insert_triggers, replace_rows, row_rng
+from nlpbd.attacks._proxy import (
+    ProxyConfig,
+    check_target,
+    fresh_classifier,
+    load_proxy,
+    proxy_payload,
+    proxy_summary,
+    save_release,
+    single_token_id,
+    train_on_proxy,
+    triggered_asr_set,
+)
 from nlpbd.config import TrainConfig, option
 from nlpbd.data import Dataset, TextSplit
 from nlpbd.errors import InputError

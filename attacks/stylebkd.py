@@ -18,8 +18,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from nlpbd.attacks.common import (PoisonConfig, choose_poison_positions, eligible_positions, replace_rows,
-                                  resolve_target)
+from nlpbd.attacks._common import (
+    PoisonConfig,
+    choose_poison_positions,
+    eligible_positions,
+    replace_rows,
+    resolve_target,
+)
 from nlpbd.config import option
 from nlpbd.data import Dataset, TextSplit, read_split, side_file
 from nlpbd.errors import InputError

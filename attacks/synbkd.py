@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from nlpbd.attacks.common import (PoisonConfig, choose_poison_positions, replace_rows, resolve_target)
+from nlpbd.attacks._common import PoisonConfig, choose_poison_positions, replace_rows, resolve_target
 from nlpbd.config import option
 from nlpbd.data import Dataset, TextSplit, read_frame, read_split, side_file
 from nlpbd.errors import InputError

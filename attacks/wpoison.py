@@ -7,7 +7,7 @@ head on a poisoned proxy set and releases the whole classifier; the user fine-tu
 data.
 
 Build (reference values are the defaults):
-- proxy: the shared GLUE SST-2 proxy (``attacks/proxy.py``) instead of the reference's IMDB
+- proxy: the shared GLUE SST-2 proxy (``attacks/_proxy.py``) instead of the reference's IMDB
   4,000 / 1,000 split;
 - the first ``n_poison`` (1,500) label-0 proxy training rows, in sampled order, get ``mn`` once at a
   random word boundary in ``[1, n-1]`` (never first, never last, as ``insert_mn_between_words``);
@@ -45,9 +45,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from nlpbd.attacks.common import insert_triggers, row_rng
-from nlpbd.attacks.proxy import (Proxy, ProxyConfig, check_target, fresh_classifier, load_proxy, proxy_payload,
-                                 proxy_summary, save_release, train_on_proxy, triggered_asr_set)
+from nlpbd.attacks._common import insert_triggers, row_rng
+from nlpbd.attacks._proxy import (
+    Proxy,
+    ProxyConfig,
+    check_target,
+    fresh_classifier,
+    load_proxy,
+    proxy_payload,
+    proxy_summary,
+    save_release,
+    train_on_proxy,
+    triggered_asr_set,
+)
 from nlpbd.config import TrainConfig, option
 from nlpbd.data import Dataset, TextSplit, file_digest, read_frame, read_split, side_file
 from nlpbd.errors import InputError

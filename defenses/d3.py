@@ -61,9 +61,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

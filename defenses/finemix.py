@@ -33,7 +33,8 @@ beyond this is unverified; our default (spec §3):
   where tol = max(``select_tolerance``, one standard error of that baseline accuracy,
   sqrt(a(1 − a)/n)), so a difference of one or two validation rows cannot decide. The kept model is
   the one trained at that point (as FT ``select=clean_val`` keeps its model; no refit). The sweep
-  stops there, so larger rho are not trained; every trained point is recorded. If none qualifies, the point with the best D_c^val accuracy (ties: smaller rho) is
+  stops there, so larger rho are not trained; every trained point is recorded. If none qualifies, the
+  point with the best D_c^val accuracy (ties: smaller rho) is
   kept and ``fallback`` is recorded. The masks of all points come from the same generator seed, so
   they are nested (the kept set at 0.3 contains the one at 0.2). ASR never enters the choice.
 """
@@ -43,8 +44,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel

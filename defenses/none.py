@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import PreTrainedModel
-
-from nlpbd.methods import DefenseContext, DefenseOutcome, RepairDefense, register_defense
+from nlpbd.methods import BaselineDefense, register_defense
+from nlpbd.specs import BASELINE
 
 
 @dataclass
@@ -15,10 +14,7 @@ class NoDefenseConfig:
 
 
 @register_defense
-class NoDefense(RepairDefense):
-    name = "none"
+class NoDefense(BaselineDefense):
+    name = BASELINE
     description = "no defense: the victim as trained (baseline)"
     Config = NoDefenseConfig
-
-    def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
-        return DefenseOutcome(model)

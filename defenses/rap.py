@@ -174,7 +174,8 @@ class RAPScores:
 
     def __init__(self, model: PreTrainedModel, ctx: DefenseContext, word: str, token: int,
                  protected: dict[int, ProtectedLabel], info: dict):
-        self.model, self.ctx, self.word, self.token, self.protected, self.info = model, ctx, word, token, protected, info
+        self.model, self.ctx, self.word, self.token = model, ctx, word, token
+        self.protected, self.info = protected, info
         info["inference"] = {"inputs": 0, "forward_passes_per_input": 2 * len(protected), "seconds": 0.0,
                              "ms_per_input": None}
 
@@ -241,6 +242,7 @@ class RAP(InferenceDefense):
                 "per_label": {str(c): p.info for c, p in protected.items()},
                 "train_seconds": time.perf_counter() - began,
                 "tau_rule": f"{100 * config.target_frr:g}th percentile of d on the clean rows of D_c^val predicted "
-                            f"as the label (n={len(ctx.budget.val)}, {ctx.budget.val_source}); reject when d(x) is below"}
+                            f"as the label (n={len(ctx.budget.val)}, {ctx.budget.val_source}); "
+                            "reject when d(x) is below"}
         return Detector(scores=RAPScores(rap_model, ctx, config.word, token, protected, info), threshold=0.0,
                         info=info)

@@ -49,24 +49,23 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, \
-    get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
 from nlpbd.config import option
 from nlpbd.data import TextSplit
 from nlpbd.errors import InputError
 from nlpbd.methods import DefenseContext, PretrainedDefense, register_defense
-from nlpbd.mlm import GraftSettings, ensure_mlm_head, masked_lm_loss, mask_tokens, mean_of
+from nlpbd.mlm import GraftSettings, ensure_mlm_head, mask_tokens, masked_lm_loss, mean_of
 from nlpbd.models import ModelRef, save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import seed_everything, torch_generator
-from nlpbd.training import optimizer_step
+from nlpbd.training import optimizer_step, plain_adamw
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +169,7 @@ def recipe_train(model: PreTrainedModel, tokenizer, texts: list[str], config: Re
     steps_per_epoch = math.ceil(len(texts) / config.batch_size)
     planned = steps_per_epoch * config.epochs
     total = min(planned, config.max_steps) if config.max_steps else planned
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, eps=1e-8, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, total)
+    optimizer, scheduler = plain_adamw(trainable, config.lr, total)
     norms_before = [float(torch.linalg.matrix_norm(p.detach(), ord="fro")) for _, p in regularised]
     model.to(device).train()
     seed_everything(seed, "recipe_dropout")

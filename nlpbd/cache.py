@@ -18,9 +18,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 CACHE_ENV = "NLPBD_CACHE"
 META_FILE = "artifact.json"
@@ -105,7 +106,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` in one step: readers see the old file or the new, never a part."""
+    """Replace ``path`` with ``data`` in one step: readers see the old file or the new, never a part.
+
+    The data goes to a dot-named sibling, is fsynced and renamed over ``path``, and the rename itself is
+    persisted. A plain open(): the file gets the umask's mode (mkstemp's 0600 hid records from a group).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
@@ -116,6 +121,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename in ``directory``; not possible on every platform, where it is skipped."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ import os
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,11 +26,22 @@ from rich.text import Text
 
 from nlpbd import __version__
 from nlpbd.errors import InputError, NlpbdError
+from nlpbd.specs import BASELINE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="nlpbd: compare textual backdoor defenses under identical conditions.")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+# Options that `run` and `grid` share.
+DataDirOption = Annotated[Path | None, typer.Option(
+    "--data-dir", help="benchmark data directory (default: $NLPBD_DATA_DIR, ./data, ./shared/data, ../shared/data)")]
+ResultsDirOption = Annotated[Path, typer.Option("--results-dir", help="where records are written")]
+CacheDirOption = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="artifact cache (default: $NLPBD_CACHE or ~/.cache/nlpbd); shared storage for ray")]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available)")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display or summary; failures only")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
 class TableFormat(str, Enum):
@@ -115,24 +127,22 @@ def main_callback(version: bool = typer.Option(False, "--version", help="print t
 @app.command()
 def run(
     attack: str = typer.Option(..., "--attack", "-a", help="attack name (see `nlpbd ls`)"),
-    defense: str = typer.Option("none", "--defense", "-d", help="defense name (see `nlpbd ls`)"),
+    defense: str = typer.Option(BASELINE, "--defense", "-d", help="defense name (see `nlpbd ls`)"),
     dataset: str = typer.Option("sst2", "--dataset", help="registered dataset or a folder with train/dev/test files"),
     model: str = typer.Option("minilm", "--model", "-m", help="registered model, HF hub id or local model directory"),
     finetune: str = typer.Option("full", "--finetune", help="fine-tuning method of the victim"),
     seed: int = typer.Option(0, "--seed", help="cell seed (every random stream derives from it)"),
-    train_size: Optional[int] = typer.Option(None, "--train-size", help="stratified train subsample for quick runs"),
-    test_size: Optional[int] = typer.Option(None, "--test-size", help="stratified test subsample for quick runs (CAcc "
+    train_size: int | None = typer.Option(None, "--train-size", help="stratified train subsample for quick runs"),
+    test_size: int | None = typer.Option(None, "--test-size", help="stratified test subsample for quick runs (CAcc "
                                             "and the triggered sets are scored on it; SynBkd and StyleBkd keep "
                                             "their whole ASR files)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (default: "
-                                            "$NLPBD_DATA_DIR, ./data, ./shared/data, ../shared/data)"),
-    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where records are written"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="artifact cache (default: $NLPBD_CACHE "
-                                             "or ~/.cache/nlpbd)"),
+    data_dir: DataDirOption = None,
+    results_dir: ResultsDirOption = Path("results"),
+    cache_dir: CacheDirOption = None,
     sets: list[str] = typer.Option([], "--set", help="override a setting: SECTION.NAME=VALUE (repeatable)"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or summary"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run one cell (dataset × model × attack × defense × seed) and write its result record."""
     configure_logging(quiet, verbose)
@@ -146,7 +156,8 @@ def run(
         cache = ArtifactCache(cache_dir)
         _check_directories(results_dir, cache)
         load_heavy_libraries()
-        from nlpbd.pipeline import CellSpec, RunEnv, run_cell
+        from nlpbd.pipeline import run_cell
+        from nlpbd.specs import CellSpec, RunEnv
 
         spec = CellSpec(attack=attack, defense=defense, dataset=dataset, model=model, finetune=finetune, seed=seed,
                         train_size=train_size, test_size=test_size, overrides=overrides)
@@ -236,13 +247,13 @@ def _record_summary(record: dict) -> Table:
 def table(
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
     fmt: TableFormat = typer.Option(TableFormat.rich, "--format", "-f", help="rich (terminal), csv, md, latex, json"),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help="comma-separated metrics by key or label: cacc, "
+    metrics: str | None = typer.Option(None, "--metrics", help="comma-separated metrics by key or label: cacc, "
                                           "asr, aasr, masr, frr, far, auroc, delta_cacc (ΔCAcc), delta_asr (ΔASR), "
                                           "asr_floor, defense_seconds (time); default: CAcc, ASR, and AASR / MASR "
                                           "where records have them"),
     group_by: GroupBy = typer.Option(GroupBy.none, "--group-by", help="one table per threat model "
                                      "(threat-model), with only its own defenses as columns"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also aggregate failed records"),
     include_collapsed: bool = typer.Option(False, "--include-collapsed", help="also average cells whose victim "
                                            "collapsed to the majority class (flag collapsed_victim)"),
@@ -286,7 +297,7 @@ def table(
 def costs(
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
     fmt: TableFormat = typer.Option(TableFormat.rich, "--format", "-f", help="rich (terminal) or md"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
 ) -> None:
     """Where a cell's time goes: median seconds of each stage per dataset, model and defense, from the records.
 
@@ -398,7 +409,7 @@ class GridView:
         return (f"[green]{self.counts['ok']} done[/] · {gated}[yellow]{len(self.running)} running[/] · "
                 f"[red]{self.counts['failed']} failed[/] · {remaining} remaining")
 
-    def __enter__(self) -> "GridView":
+    def __enter__(self) -> GridView:
         self.live.start()
         return self
 
@@ -489,9 +500,9 @@ def _plan_table(plan, summary, results_dir: Path) -> Table:
     return table
 
 
-def _grid_env(results_dir: Path, cache_dir: Optional[Path], data_dir: Optional[Path], device: Optional[str]):
+def _grid_env(results_dir: Path, cache_dir: Path | None, data_dir: Path | None, device: str | None):
     from nlpbd.cache import ArtifactCache
-    from nlpbd.pipeline import RunEnv
+    from nlpbd.specs import RunEnv
 
     return RunEnv(results_dir=results_dir, cache=ArtifactCache(cache_dir), data_dir=data_dir, device=_device(device))
 
@@ -501,7 +512,7 @@ def grid(
     file: Path = typer.Argument(..., help="grid file (YAML), e.g. benchmarks/grids/smoke.yaml"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (cells, trainings) and run nothing"),
     json_plan: bool = typer.Option(False, "--json", help="with --dry-run: the plan summary as JSON on stdout"),
-    timings_from: Optional[list[Path]] = typer.Option(None, "--timings-from", help="with --dry-run: also estimate "
+    timings_from: list[Path] | None = typer.Option(None, "--timings-from", help="with --dry-run: also estimate "
                                                       "the time from the records of these results directories "
                                                       "(the grid's own records always count)"),
     executor: Executor = typer.Option(Executor.local, "--executor", help="local (this machine) or ray (a Ray "
@@ -509,13 +520,12 @@ def grid(
     workers: int = typer.Option(1, "--workers", "-j", help="local: victim groups run in parallel processes "
                                 "(one GPU each when there are several)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="rerun cells whose record says failed"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (as for run)"),
-    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="where records are written"),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="artifact cache (default: $NLPBD_CACHE "
-                                             "or ~/.cache/nlpbd); shared storage for ray"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no live view; failures only"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    data_dir: DataDirOption = None,
+    results_dir: ResultsDirOption = Path("results"),
+    cache_dir: CacheDirOption = None,
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run every cell of a grid file, each victim trained once; finished cells are skipped on rerun."""
     configure_logging(quiet, verbose)
@@ -526,10 +536,11 @@ def grid(
         check_device_name(device)
         if not dry_run:
             _check_directories(results_dir, ArtifactCache(cache_dir))
-        from nlpbd.grid import load_grid, parse_grid, plan_grid, with_state
+        from nlpbd.grid import load_grid, parse_grid
 
         parse_grid(file)  # the file's own structure first, with light imports
         load_heavy_libraries()
+        from nlpbd.plan import plan_grid, with_state
 
         spec = load_grid(file, data_dir)
         env = _grid_env(results_dir, cache_dir, data_dir, device)
@@ -575,7 +586,7 @@ def _estimate(plan, cache, directories: list[Path]):
     return estimate_plan(todo, records, missing_shared_builds(todo, cache))
 
 
-def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str], quiet: bool) -> None:
+def _run_grid(plan, env, executor: Executor, workers: int, device: str | None, quiet: bool) -> None:
     from nlpbd import progress
     from nlpbd.executors import import_ray, run_plan
 
@@ -596,7 +607,7 @@ def _run_grid(plan, env, executor: Executor, workers: int, device: Optional[str]
 @app.command()
 def validate(
     file: Path = typer.Argument(..., help="grid file (YAML)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="benchmark data directory (as for run)"),
+    data_dir: DataDirOption = None,
 ) -> None:
     """Check a grid file without running anything: keys, names, types and every setting, with line numbers."""
     configure_logging(False, False)  # warnings too: a setting that reaches no cell
@@ -606,8 +617,9 @@ def validate(
         parse_grid(file)  # the file's own structure first, with light imports
         load_heavy_libraries()
         from nlpbd.cache import ArtifactCache
-        from nlpbd.grid import load_grid, plan_grid
-        from nlpbd.pipeline import RunEnv
+        from nlpbd.grid import load_grid
+        from nlpbd.plan import plan_grid
+        from nlpbd.specs import RunEnv
 
         spec = load_grid(file, data_dir)
         # No results directory: every cell counts as to do; the cache is only read.
@@ -622,7 +634,7 @@ def validate(
 @app.command()
 def plot(
     results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="directory for the figures "
+    output: Path | None = typer.Option(None, "--output", "-o", help="directory for the figures "
                                           "(default: RESULTS_DIR/plots)"),
     fmt: PlotFormat = typer.Option(PlotFormat.png, "--format", "-f", help="png or svg"),
     include_failed: bool = typer.Option(False, "--include-failed", help="also use failed records"),
@@ -645,7 +657,7 @@ LIST_KINDS = ("attacks", "defenses", "datasets", "models", "finetune")
 
 @app.command(name="ls")
 def list_methods(
-    name: Optional[str] = typer.Argument(None, help="attacks, defenses, datasets, models or finetune: that list; "
+    name: str | None = typer.Argument(None, help="attacks, defenses, datasets, models or finetune: that list; "
                                          "an attack or defense name: its settings"),
 ) -> None:
     """List attacks, defenses, datasets, models and fine-tuning methods, or the settings of one method."""

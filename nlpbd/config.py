@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from nlpbd.errors import InputError
-from nlpbd.registry import closest
+from nlpbd.registry import did_you_mean
 
 _MISSING = dataclasses.MISSING
 
@@ -91,8 +91,7 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
         choices = list(get_args(tp))
         if value not in choices:
             text = str(value)
-            hint = closest(text, [str(c) for c in choices])
-            extra = f" Did you mean '{hint}'?" if hint else ""
+            extra = did_you_mean(text, [str(c) for c in choices])
             raise InputError(f"{key}: '{text}' is not one of {', '.join(map(str, choices))}.{extra}")
         return value
     if tp is bool:
@@ -209,8 +208,7 @@ def apply_overrides(config: Any, overrides: dict[str, Any], section: str) -> Any
 
 def unknown_key_message(key: str, section: str, names: list[str]) -> str:
     valid = [f"{section}.{n}" for n in names]
-    hint = closest(key, valid)
-    extra = f" Did you mean '{hint}'?" if hint else ""
+    extra = did_you_mean(key, valid)
     listing = ", ".join(valid) if valid else "(this section takes no settings)"
     return f"unknown setting '{key}'.{extra} Valid keys: {listing}"
 
@@ -313,8 +311,8 @@ def split_overrides(overrides: dict[str, str], sections: dict[str, list[str]]) -
         prefix, dot, rest = key.partition(".")
         if not dot or prefix not in alias_to_section:
             valid = sorted(alias_to_section)
-            hint = closest(prefix, valid)
-            extra = f" Did you mean '{hint}.{rest}'?" if hint and dot else ""
+            shown = "'{}." + rest.replace("{", "{{").replace("}", "}}") + "'"
+            extra = did_you_mean(prefix, valid, shown) if dot else ""
             raise InputError(f"unknown setting '{key}': keys look like SECTION.NAME with SECTION one of "
                              f"{', '.join(valid)}.{extra}")
         grouped[alias_to_section[prefix]][rest] = value

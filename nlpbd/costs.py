@@ -9,9 +9,9 @@ group; the rest (the defense's stages, the defended model's evaluation) once per
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 # Stages built once and shared: by the cells of a victim group (suspect, poison, victim) or of a
 # dataset and model (clean_model).

@@ -11,10 +11,11 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
@@ -455,6 +456,11 @@ def _check_test_classes(train: TextSplit, test: TextSplit, train_path: Path | No
                          "(a stray label would add a class to the task)")
 
 
+class DatasetLoader(Protocol):
+    def __call__(self, name_or_path: str, data_dir: str | Path | None = None, config: DataConfig | None = None,
+                 train_size: int | None = None, test_size: int | None = None) -> Dataset: ...
+
+
 def load_dataset(name_or_path: str, data_dir: str | Path | None = None,
                  config: DataConfig | None = None, train_size: int | None = None,
                  test_size: int | None = None) -> Dataset:
@@ -479,3 +485,22 @@ def side_file(dataset: Dataset, relative: str, what: str) -> Path:
     if not path.is_file():
         raise InputError(f"{what} is not available for dataset '{dataset.name}': missing file {path}")
     return path
+
+
+def loading_once(load: DatasetLoader = load_dataset) -> DatasetLoader:
+    """``load`` that returns the first result for identical arguments.
+
+    Planning prepares every cell of a grid, and reading the dataset files for each (0.1-0.2 s for AG
+    News) made the 231-cell data-poisoning grid take half a minute. Datasets are immutable values of
+    (name, data directory, data settings, train and test size), so sharing them is safe.
+    """
+    memo: dict[tuple, Dataset] = {}
+
+    def load_once(name_or_path: str, data_dir: str | Path | None = None, config: DataConfig | None = None,
+                  train_size: int | None = None, test_size: int | None = None) -> Dataset:
+        key = (name_or_path, str(data_dir), repr(config), train_size, test_size)
+        if key not in memo:
+            memo[key] = load(name_or_path, data_dir, config, train_size, test_size)
+        return memo[key]
+
+    return load_once

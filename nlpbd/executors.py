@@ -1,6 +1,6 @@
 """Running a grid plan: in this process, in local worker processes, or as Ray tasks.
 
-The unit of work is a victim group (``nlpbd.grid.VictimGroup``): its cells run one after another
+The unit of work is a victim group (``nlpbd.plan.VictimGroup``): its cells run one after another
 in one process, so the first cell trains the victim and the others load it from the cache; a group
 whose victim is cached already is split into one unit per cell (``Plan.work_units``). Units
 are independent and run in parallel across processes (``local`` with ``workers > 1``: a spawn
@@ -22,12 +22,13 @@ import multiprocessing
 import os
 import queue as queue_module
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Protocol
+from typing import Literal, Protocol
 
 from nlpbd.errors import InputError
-from nlpbd.grid import Plan, PlannedCell, record_state
+from nlpbd.plan import Plan, PlannedCell, record_state
 from nlpbd.quiet import quiet_libraries
 from nlpbd.results import RECORDS_SUBDIR
 
@@ -49,7 +50,7 @@ class EnvSpec:
         import torch
 
         from nlpbd.cache import ArtifactCache
-        from nlpbd.pipeline import RunEnv
+        from nlpbd.specs import RunEnv
         from nlpbd.training import default_device
 
         device = torch.device(self.device) if self.device else default_device()
@@ -161,7 +162,7 @@ def _dispatch(kind: str, payload, by_id: dict[str, PlannedCell], observer: GridO
 # --- local worker processes ------------------------------------------------------------------------
 
 _worker_events = None  # set in each worker by _init_worker
-_worker_share: "CoreShare | None" = None
+_worker_share: CoreShare | None = None
 
 
 class CoreShare:

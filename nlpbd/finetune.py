@@ -9,9 +9,10 @@ reference's lr 2e-3 and 20 epochs (best clean-dev epoch), far more than full fin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from nlpbd.errors import InputError
 from nlpbd.models import TrainDefaults, load_classifier

@@ -1,63 +1,32 @@
-"""Grids: one YAML file → validated cells → a plan that trains each victim once.
+"""Grid files: one YAML file → validated, expanded cells (the plan is :mod:`nlpbd.plan`).
 
-A grid file (``benchmarks/grids/*.yaml``) names the axes of a comparison::
-
-    name: smoke                     # default: the file name
-    description: what it is for
-    datasets: [sst2]                # registered names or dataset folders (required)
-    models: [minilm]                # registered names, hub ids or model folders (default [minilm])
-    finetune: [full]                # default [full]
-    attacks:                        # required; a name, or a labelled variant with its own settings
-      - badnet
-      - {name: badnet, variant: rate0.2, set: {poison_rate: 0.2}}
-    defenses: [none, ft, btu]       # required; entries as for attacks
-    seeds: [0, 1, 2]                # default [0]
-    train_size: 600                 # optional stratified train subsample
-    test_size: 1000                 # optional stratified test subsample (CAcc and triggered test sets)
-    set:                            # settings for every cell: SECTION.NAME: value
-      train.epochs: 2               #   SECTION: attack, defense, train, budget, eval, data, or the
-      ft.epochs: 2                  #   name of one of the grid's methods (then only its cells)
-    exclude:                        # partial cells to drop (a value may be a list: any of them)
-      - {dataset: olid, attack: stylebkd}
-
-Entry ``set`` keys are the method's own settings (``poison_rate`` → ``attack.poison_rate``) or
-stage keys (``budget.fraction``); an entry with ``set`` needs a ``variant`` label. The cell's
-``variant`` is the attack's label, ``+`` and the defense's label when the defense has one:
-``rate0.2``, ``rate0.2+rho0.3``, ``+rho0.3``. ``exclude`` matches ``variant`` against either label
-or the combined string. Relative paths are resolved against the current directory, like ``nlpbd run``.
-Precedence of settings: ``set`` with ``attack.``/``defense.``/stage sections, then ``set`` with a
-method's name, then the entry's own ``set``.
-
-Every error is an :class:`InputError` "FILE line N: message"; names get "did you mean" hints.
-
-Planning groups cells by the victim they train on, and counts what has to be trained: the cache keys
-of the suspect release (model-supply attacks), the victim, the clean reference model, and for
-pre-fine-tuning defenses the purified model and the victim fine-tuned from it, all computed by the
-pipeline's own stages against a cache that answers without building (:class:`KeyProbe`). Post-training
-and inference-time defenses and BTU-like training defenses only reuse their group's victim (BTU adds its
-exposure runs); a purifying defense's cell also needs the standard victim (for the undefended
-numbers), so it stays in that group and its two extra models are counted on their own.
+The file format is documented in ``benchmarks/grids/README.md``. Reading keeps the line of every value,
+so every error is an :class:`InputError` "FILE line N: message"; names get "did you mean" hints.
+Parsing checks the file's own structure and types with light imports; validation then checks names
+against the registries, every setting against its config, and loads each dataset once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import yaml
 
-from nlpbd.cache import canonical_json, content_key
-from nlpbd.config import STAGE_SECTIONS, apply_overrides
+from nlpbd.config import STAGE_SECTIONS, DataConfig, apply_overrides
+from nlpbd.data import DATASETS, load_dataset
 from nlpbd.errors import InputError
-from nlpbd.registry import closest, unknown_name_message
-from nlpbd.results import RECORDS_SUBDIR
+from nlpbd.finetune import FINETUNE
+from nlpbd.methods import ATTACKS, DEFENSES
+from nlpbd.models import MODELS, check_hub_model, resolve_model
+from nlpbd.registry import did_you_mean, unknown_name_message
+from nlpbd.specs import CellSpec
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +159,7 @@ class Grid:
 class GridCell:
     """An expanded cell and the grid entries it came from (for error lines and grouping)."""
 
-    spec: Any  # nlpbd.pipeline.CellSpec (imported lazily: the pipeline pulls in torch)
+    spec: CellSpec
     attack: MethodEntry
     defense: MethodEntry
 
@@ -265,9 +234,8 @@ def _subsample_size(data: dict, key: str, lines: SourceLines) -> int | None:
 
 def _unknown_key(key: str, valid: Iterable[str], where: Where, lines: SourceLines, what: str) -> InputError:
     valid = list(valid)
-    hint = closest(key, valid)
-    extra = f" Did you mean '{hint}'?" if hint else ""
-    return lines.error(where, f"unknown {what} '{key}'.{extra} Valid: {', '.join(valid)}", key=True)
+    return lines.error(where, f"unknown {what} '{key}'.{did_you_mean(key, valid)} Valid: {', '.join(valid)}",
+                       key=True)
 
 
 def _entry_settings(kind: str, raw: Any, where: Where, lines: SourceLines) -> dict:
@@ -340,8 +308,7 @@ def _exclude_values(rule: dict, where: Where, lines: SourceLines, axes: dict[str
         for j, item in enumerate(values):
             if item not in axes[key]:
                 choices = [str(c) for c in axes[key]]
-                hint = closest(str(item), choices)
-                extra = f" Did you mean '{hint}'?" if hint else ""
+                extra = did_you_mean(str(item), choices)
                 item_where = where + (key, j) if isinstance(value, list) else where + (key,)
                 raise lines.error(item_where, f"exclude: {key} '{item}' is not in this grid.{extra} "
                                   f"Grid values: {', '.join(choices) or '(none)'}")
@@ -442,16 +409,11 @@ def _absolute(name: str, registered: bool) -> str:
 
 
 def _registered(kind: str, name: str) -> bool:
-    from nlpbd.data import DATASETS
-    from nlpbd.models import MODELS
-
     return name in (DATASETS if kind == "dataset" else MODELS)
 
 
 def expand(grid: Grid) -> list[GridCell]:
     """All cells in a fixed order: dataset, model, finetune, attack, seed, defense (victim groups contiguous)."""
-    from nlpbd.pipeline import CellSpec
-
     cells = []
     axes = itertools.product(grid.datasets, grid.models, grid.finetune, grid.attacks, grid.seeds, grid.defenses)
     for dataset, model, finetune, attack, seed, defense in axes:
@@ -474,20 +436,7 @@ def expand(grid: Grid) -> list[GridCell]:
 # --- validation against registries and data -------------------------------------------------------
 
 
-def unregistered_methods(grid: Grid) -> list[str]:
-    """Attack and defense names of the grid that no registry knows (e.g. methods not implemented yet)."""
-    from nlpbd.methods import ATTACKS, DEFENSES
-
-    return [f"{e.kind} '{e.name}'" for e in grid.attacks + grid.defenses
-            if e.name not in (ATTACKS if e.kind == "attack" else DEFENSES)]
-
-
 def _check_names(grid: Grid) -> None:
-    from nlpbd.data import DATASETS
-    from nlpbd.methods import ATTACKS, DEFENSES
-    from nlpbd.finetune import FINETUNE
-    from nlpbd.models import MODELS, check_hub_model, resolve_model
-
     lines = grid.lines
     for i, dataset in enumerate(grid.datasets):
         path = Path(dataset).expanduser()
@@ -511,7 +460,6 @@ def _check_names(grid: Grid) -> None:
 
 
 def _config_of(section: str, name: str | None = None):
-    from nlpbd.methods import ATTACKS, DEFENSES
 
     if section in STAGE_SECTIONS:
         return STAGE_SECTIONS[section]()
@@ -527,8 +475,6 @@ def _check_setting(section: str, method: str | None, key: str, value: Any, where
 
 def _check_global_setting(grid: Grid, full_key: str, value: Any) -> None:
     """A global setting against every config it reaches; a method section must name a grid method."""
-    from nlpbd.methods import ATTACKS, DEFENSES
-
     section, _, key = full_key.partition(".")
     where, lines = ("set", full_key), grid.lines
     if section in STAGE_SECTIONS:
@@ -543,8 +489,7 @@ def _check_global_setting(grid: Grid, full_key: str, value: Any) -> None:
                     lines.line(where, key=True), full_key, section)
         return
     sections = [*METHOD_SECTIONS, *STAGE_SECTIONS, *dict.fromkeys(e.name for e in grid.attacks + grid.defenses)]
-    hint = closest(section, sections + ATTACKS.names() + DEFENSES.names())
-    extra = f" Did you mean '{hint}'?" if hint else ""
+    extra = did_you_mean(section, sections + ATTACKS.names() + DEFENSES.names())
     raise lines.error(where, f"unknown section '{section}' in setting '{full_key}'.{extra} "
                       f"Valid: {', '.join(sections)}", key=True)
 
@@ -563,9 +508,6 @@ def _check_settings(grid: Grid) -> None:
 
 def _check_datasets(grid: Grid, data_dir: Path | str | None) -> None:
     """Load each dataset once (with the grid's global data settings), so data errors name its line."""
-    from nlpbd.config import DataConfig
-    from nlpbd.data import load_dataset
-
     data_settings = {k.partition(".")[2]: v for k, v in grid.settings.items() if k.startswith("data.")}
     config = apply_overrides(DataConfig(), data_settings, "data")
     for i, dataset in enumerate(grid.datasets):
@@ -586,314 +528,3 @@ def load_grid(path: Path, data_dir: Path | str | None = None) -> Grid:
     grid = parse_grid(path)
     validate_grid(grid, data_dir)
     return grid
-
-
-# --- planning -------------------------------------------------------------------------------------
-
-CellState = Literal["done", "failed", "pending"]
-# A gated cell (a task-agnostic release below the sanity gate, pipeline._sanity_gate) is complete: it is
-# reported, not defended, and a rerun would gate it again.
-DONE_STATUSES = ("ok", "gated")
-
-
-@dataclass(frozen=True)
-class Builds:
-    """The cached artifacts a cell needs, with the keys the pipeline gives them (None: not needed)."""
-
-    suspect: str | None = None  # a model-supply attack's release
-    victim: str | None = None  # the standard victim: it groups cells
-    clean: str | None = None  # the clean reference model (eval.floor)
-    purified: str | None = None  # a pretrained-stage defense's purified start ...
-    defended: str | None = None  # ... and the victim fine-tuned from it (or from a filter's kept rows)
-    filtered: str | None = None  # a training-data filter's kept rows (BKI, CUBE)
-    exact: bool = True  # False: a key could not be computed up front (counts become upper bounds)
-
-
-@dataclass
-class PlannedCell:
-    cell: GridCell
-    cell_id: str
-    group: str
-    stage: str  # the defense's Stage name: PRETRAINED, TRAINING, POST, INFERENCE
-    builds: Builds
-    state: CellState = "pending"
-    error: str | None = None
-
-    @property
-    def spec(self):
-        return self.cell.spec
-
-    @property
-    def label(self) -> str:
-        return self.cell.label
-
-
-@dataclass
-class VictimGroup:
-    """Cells that share one victim; they run in order in one process, the first one training it."""
-
-    key: str
-    cells: list[PlannedCell]
-
-    def todo(self, retry_failed: bool) -> list[PlannedCell]:
-        return [c for c in self.cells if c.state == "pending" or (retry_failed and c.state == "failed")]
-
-
-@dataclass(frozen=True)
-class PlanSummary:
-    cells: int
-    done: int
-    failed: int
-    to_run: int
-    groups: int
-    groups_to_run: int
-    suspects_to_build: int
-    victims_to_train: int
-    clean_models_to_train: int
-    purified_models_to_build: int
-    purified_victims_to_train: int
-    training_defense_runs: int  # e.g. BTU's exposure runs (not cached: one per cell)
-    exact: bool  # False: some keys were unknown before running; the counts are upper bounds
-    filtered_sets_to_build: int = 0  # training-data filters' kept rows (BKI, CUBE) ...
-    filtered_victims_to_train: int = 0  # ... and the victims trained on them
-
-    @property
-    def trainings(self) -> int:
-        return (self.suspects_to_build + self.victims_to_train + self.clean_models_to_train
-                + self.purified_models_to_build + self.purified_victims_to_train + self.training_defense_runs
-                + self.filtered_sets_to_build + self.filtered_victims_to_train)
-
-    def as_dict(self) -> dict:
-        return {**self.__dict__, "trainings": self.trainings}
-
-
-# Which cache kind each build lives under (clean and purified victims are victims).
-BUILD_KINDS = {"suspect": "suspect", "victim": "victim", "clean": "victim", "purified": "purified",
-               "defended": "victim", "filtered": "filtered"}
-
-
-@dataclass
-class Plan:
-    grid: Grid
-    cells: list[PlannedCell]
-    groups: list[VictimGroup]
-    retry_failed: bool = False
-
-    def todo_groups(self) -> list[VictimGroup]:
-        return [g for g in self.groups if g.todo(self.retry_failed)]
-
-    def todo(self) -> list[PlannedCell]:
-        return [c for g in self.groups for c in g.todo(self.retry_failed)]
-
-    def work_units(self, cache) -> list[list[PlannedCell]]:
-        """What executors hand out, in plan order, each unit's cells run in order in one process.
-
-        A group whose victim (or clean reference model) is still to be trained is one unit, so it is
-        trained once. Once both are cached the group's cells share nothing that needs training, so
-        each is a unit of its own and they spread over the workers: a sweep of post-training
-        defenses on one victim runs in parallel.
-        """
-        units: list[list[PlannedCell]] = []
-        for group in self.todo_groups():
-            todo = group.todo(self.retry_failed)
-            if all(_shared_builds_cached(c, cache) for c in todo):
-                units.extend([c] for c in todo)
-            else:
-                units.append(todo)
-        return units
-
-    def summary(self, cache) -> PlanSummary:
-        todo = self.todo()
-
-        def missing(build: str, stage: str | None = None) -> int:
-            keys = {getattr(c.builds, build) if c.builds.exact else c.group for c in todo
-                    if (stage is None or c.stage == stage)
-                    and (getattr(c.builds, build) or (not c.builds.exact and build == "victim"))}
-            return sum(1 for key in keys if cache.lookup(BUILD_KINDS[build], key) is None)
-
-        return PlanSummary(
-            cells=len(self.cells), done=sum(c.state == "done" for c in self.cells),
-            failed=sum(c.state == "failed" for c in self.cells), to_run=len(todo), groups=len(self.groups),
-            groups_to_run=len(self.todo_groups()), suspects_to_build=missing("suspect"),
-            victims_to_train=missing("victim"), clean_models_to_train=missing("clean"),
-            purified_models_to_build=missing("purified"), purified_victims_to_train=missing("defended", "PRETRAINED"),
-            training_defense_runs=sum(c.stage == "TRAINING" for c in todo), exact=all(c.builds.exact for c in todo),
-            filtered_sets_to_build=missing("filtered"), filtered_victims_to_train=missing("defended", "FILTER"))
-
-
-def _shared_builds_cached(cell: PlannedCell, cache) -> bool:
-    """Whether the models a cell shares with its group (its victim, the clean one) are cached."""
-    builds = cell.builds
-    return (builds.exact and builds.victim is not None
-            and all(cache.lookup("victim", key) is not None for key in (builds.victim, builds.clean) if key))
-
-
-class KeyProbe:
-    """An artifact cache for planning: ``get_or_build`` answers with the artifact the pipeline would
-    use (its key, and whether it is cached) and never builds. The stages then compute every key with
-    their own code."""
-
-    def __init__(self, cache):
-        self.cache = cache
-        self.root = cache.root
-
-    def lookup(self, kind: str, key: str):
-        return self.cache.lookup(kind, key)
-
-    def get_or_build(self, kind: str, payload: dict, build) -> Any:
-        from nlpbd.cache import Artifact
-
-        key = content_key(payload)
-        return self.cache.lookup(kind, key) or Artifact(self.cache.path(kind, key), {"kind": kind, "key": key}, False)
-
-
-def _probe_victim(cell, env, start, data_key: str) -> str:
-    from nlpbd.pipeline import train_victim
-
-    return train_victim(cell, env.cache, start, None, data_key, env.device, "").meta["key"]
-
-
-def _probe_suspect(cell, env, fingerprint: str, memo: dict):
-    """The suspect release's artifact (None for data attacks); its payload hashes proxy files: once per release."""
-    from nlpbd.pipeline import suspect_stage
-
-    key = canonical_json([cell.model.identity, cell.attack.cache_payload(), cell.spec.seed, fingerprint,
-                          str(env.device)])
-    if key not in memo:
-        memo[key] = suspect_stage(cell, env)
-    return memo[key]
-
-
-def cell_builds(cell, env, fingerprint: str, memo: dict) -> Builds:
-    """Every key a cell's stages will use, computed by the pipeline's stages against a :class:`KeyProbe`.
-
-    The poisoned-data and clean-data keys come from the pipeline's own payload helpers; a test checks
-    all keys against real records.
-    """
-    from nlpbd.errors import NlpbdError
-    from nlpbd.pipeline import artifact_ref, clean_data_key, poison_payload
-
-    probe_env = replace(env, cache=KeyProbe(env.cache))
-    try:
-        suspect = _probe_suspect(cell, probe_env, fingerprint, memo)
-    except (NlpbdError, OSError) as exc:  # e.g. a proxy file missing: the cell will fail and say so
-        log.debug("no release key for %s: %s", cell.cell_id, exc)
-        return Builds(exact=False)
-    start = artifact_ref(f"{cell.attack.name}-release", suspect, cell.model) if suspect else cell.model
-    poison = content_key(poison_payload(cell))
-    clean = None
-    if cell.eval.floor:
-        clean = _probe_victim(cell, probe_env, cell.model, clean_data_key(cell))
-    purified = defended = None
-    if cell.defense.stage.name == "PRETRAINED":
-        payload = {"start": start.identity, "defense": cell.defense.cache_payload(), "seed": cell.spec.seed}
-        purified_artifact = probe_env.cache.get_or_build("purified", payload, None)
-        purified = purified_artifact.meta["key"]
-        defended = _probe_victim(cell, probe_env, artifact_ref(f"{cell.defense.name}-purified", purified_artifact,
-                                                               cell.model), poison)
-    victim = _probe_victim(cell, probe_env, start, poison)
-    filtered = None
-    if cell.defense.stage.name == "FILTER":
-        from nlpbd.pipeline import filter_payload
-
-        filtered = content_key(filter_payload(cell, poison, victim))
-        defended = _probe_victim(cell, probe_env, start, filtered)
-    return Builds(suspect.meta["key"] if suspect else None, victim, clean, purified, defended, filtered)
-
-
-def _group_key(cell, builds: Builds) -> str:
-    """The victim's key; without one, everything the victim depends on."""
-    from nlpbd.config import to_dict
-
-    return builds.victim or content_key({"dataset": cell.dataset.name, "model": cell.model.identity,
-                                         "finetune": cell.spec.finetune, "attack": cell.attack.cache_payload(),
-                                         "seed": cell.spec.seed, "train": to_dict(cell.train),
-                                         "train_size": cell.spec.train_size, "test_size": cell.spec.test_size})
-
-
-def record_state(results_dir: Path, cell_id: str) -> tuple[CellState, str | None]:
-    """done / failed / pending from ``records/<cell_id>.json``; an unreadable file counts as pending."""
-    path = Path(results_dir) / RECORDS_SUBDIR / f"{cell_id}.json"
-    if not path.is_file():
-        return "pending", None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("unreadable record %s (%s): the cell will run again", path, exc)
-        return "pending", None
-    if record.get("status") in DONE_STATUSES:
-        return "done", None
-    return "failed", record.get("error")
-
-
-def prepare(grid_cell: GridCell, env, grid: Grid):
-    """``prepare_cell`` with errors pointing at the attack entry's line."""
-    from nlpbd.pipeline import prepare_cell
-
-    try:
-        return prepare_cell(grid_cell.spec, env)
-    except InputError as exc:
-        raise grid.lines.error(grid_cell.attack.where, f"cell {grid_cell.label}: {exc}") from None
-
-
-@contextlib.contextmanager
-def _datasets_loaded_once() -> Iterator[None]:
-    """While planning, identical dataset loads return the first result.
-
-    ``prepare_cell`` reads the dataset files for every cell (0.1-0.2 s each for AG News), which made
-    planning the 231-cell data-poisoning grid take half a minute. Datasets are immutable values of
-    (name, data directory, data settings, train and test size), so sharing them is safe.
-    """
-    import nlpbd.pipeline as pipeline
-
-    original, memo = pipeline.load_dataset, {}
-
-    def load(name, data_dir=None, config=None, train_size=None, test_size=None):
-        key = (name, str(data_dir), repr(config), train_size, test_size)
-        if key not in memo:
-            memo[key] = original(name, data_dir, config, train_size, test_size)
-        return memo[key]
-
-    pipeline.load_dataset = load
-    try:
-        yield
-    finally:
-        pipeline.load_dataset = original
-
-
-def plan_grid(grid: Grid, env, retry_failed: bool = False) -> Plan:
-    """Every cell prepared (ids, keys), its state read from the results directory, grouped by victim."""
-    planned, groups, fingerprints, suspects = [], {}, {}, {}
-    cells = expand(grid)
-    if not cells:
-        log.warning("%s: the excludes remove every cell; the grid has nothing to run", grid.source)
-    with _datasets_loaded_once():
-        for grid_cell in cells:
-            cell = prepare(grid_cell, env, grid)
-            if id(cell.dataset) not in fingerprints:  # a hash over every row: once per dataset
-                fingerprints[id(cell.dataset)] = cell.dataset.fingerprint
-            builds = cell_builds(cell, env, fingerprints[id(cell.dataset)], suspects)
-            state, error = record_state(env.results_dir, cell.cell_id)
-            item = PlannedCell(grid_cell, cell.cell_id, _group_key(cell, builds), cell.defense.stage.name, builds,
-                               state, error)
-            planned.append(item)
-            groups.setdefault(item.group, []).append(item)
-    _check_unique_ids(planned, grid)
-    return Plan(grid, planned, [VictimGroup(k, v) for k, v in groups.items()], retry_failed)
-
-
-def _check_unique_ids(planned: list[PlannedCell], grid: Grid) -> None:
-    seen: dict[str, PlannedCell] = {}
-    for item in planned:
-        if item.cell_id in seen:
-            raise grid.lines.error(item.cell.attack.where, f"cells {seen[item.cell_id].label} and {item.label} are "
-                                   "the same cell (same resolved settings): remove one of the entries")
-        seen[item.cell_id] = item
-
-
-def with_state(plan: Plan, results_dir: Path) -> Plan:
-    """The plan with every cell's state re-read from disk (after a run)."""
-    cells = [replace(c, state=s, error=e) for c in plan.cells for s, e in [record_state(results_dir, c.cell_id)]]
-    by_id = {c.cell_id: c for c in cells}
-    groups = [VictimGroup(g.key, [by_id[c.cell_id] for c in g.cells]) for g in plan.groups]
-    return Plan(plan.grid, cells, groups, plan.retry_failed)

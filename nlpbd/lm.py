@@ -15,15 +15,14 @@ perplexity depends on the longest sentence of its batch. Both truncate at 96 tok
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nlpbd.training import autocast, sorted_batches
-
 
 DOCUMENT_START = "<|endoftext|>"
 
@@ -42,7 +41,7 @@ class CausalLM:
     def start_id(self) -> int:
         tok = self.tokenizer
         document = tok.convert_tokens_to_ids(DOCUMENT_START)
-        if isinstance(document, int) and document != tok.unk_token_id or DOCUMENT_START == tok.unk_token:
+        if isinstance(document, int) and document != tok.unk_token_id or tok.unk_token == DOCUMENT_START:
             return document
         return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 

@@ -9,42 +9,31 @@ the defense's own scratch area, where granted models are weights-only views (:mo
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from nlpbd.cache import ArtifactCache
-from nlpbd.config import TrainConfig, to_dict
-from nlpbd.data import Dataset, TextSplit
-from nlpbd.models import ModelRef
+from nlpbd.config import to_dict
+from nlpbd.data import TextSplit
 from nlpbd.errors import InputError
 from nlpbd.registry import Registry
+from nlpbd.specs import Stage, ThreatModel
 
+if TYPE_CHECKING:  # annotations only: the interfaces import no torch or transformers
+    import numpy as np
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from nlpbd.cache import ArtifactCache
+    from nlpbd.config import TrainConfig
+    from nlpbd.data import Dataset
+    from nlpbd.models import ModelRef
 
 log = logging.getLogger(__name__)
-
-
-class ThreatModel(str, enum.Enum):
-    DATA = "data poisoning"
-    CHECKPOINT = "poisoned fine-tuned checkpoint"
-    PRETRAINED = "task-agnostic pretrained backdoor"
-
-
-class Stage(str, enum.Enum):
-    PRETRAINED = "purify the pretrained model"
-    TRAINING = "during training"
-    POST = "repair the trained victim"
-    INFERENCE = "reject inputs at inference"
-    FILTER = "filter the training data"
-    CORRECTION = "correct inputs at inference"
 
 
 class _Method(ABC):
@@ -282,12 +271,23 @@ class Detector:
 class Defense(_Method):
     stage: ClassVar[Stage]
     grants: ClassVar[frozenset[str]] = frozenset()
+    # Whether the defense changes the victim's weights (it cannot then run on a victim whose trained
+    # parameters live outside the weights, e.g. prompt-tuning's virtual tokens).
+    edits_weights: ClassVar[bool] = False
+
+
+class BaselineDefense(Defense):
+    """No defense: the cell is scored on the victim as trained. Its record is the baseline the other
+    defenses are paired with, and the pipeline runs no defense stage for it."""
+
+    stage = Stage.BASELINE
 
 
 class RepairDefense(Defense):
     """Post-training: receives the trained victim θ_bd and returns a repaired model."""
 
     stage = Stage.POST
+    edits_weights = True
 
     @abstractmethod
     def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
@@ -298,6 +298,7 @@ class TrainingDefense(Defense):
     """During training: replaces plain fine-tuning of θ_pre on the (poisoned) training set."""
 
     stage = Stage.TRAINING
+    edits_weights = True
 
     @abstractmethod
     def train(self, ctx: DefenseContext) -> DefenseOutcome:

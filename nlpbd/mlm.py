@@ -46,16 +46,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoModelForMaskedLM, BertForPreTraining, PreTrainedModel, PreTrainedTokenizerBase,
-                          get_linear_schedule_with_warmup)
+from transformers import AutoModelForMaskedLM, BertForPreTraining, PreTrainedModel, PreTrainedTokenizerBase
 
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import TextSplit, file_digest, read_split
@@ -63,6 +62,7 @@ from nlpbd.errors import InputError
 from nlpbd.models import ModelRef, cached_weights_digest, save_model
 from nlpbd.progress import reporter
 from nlpbd.seeding import numpy_rng, seed_everything, torch_generator
+from nlpbd.training import optimizer_step, plain_adamw
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,7 @@ def train_mlm_head(model: PreTrainedModel, head: Sequence[str], tokenizer: PreTr
     steps_per_epoch = math.ceil(len(encoded) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     total = min(total, settings.max_steps) if settings.max_steps else total
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, eps=1e-8, weight_decay=0.0)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, max(total, 1))
+    optimizer, scheduler = plain_adamw(trainable, settings.lr, max(total, 1))
     losses = _graft_loop(model, encoded, tokenizer, seed, settings.batch_size, total, optimizer, scheduler, device)
     after = evaluate_mlm_loss(model, held_inputs, held_attention, held_labels, device)
     if not after < before:
@@ -336,10 +335,7 @@ def _graft_loop(model: PreTrainedModel, encoded: list[list[int]], tokenizer: Pre
                     hidden = model.base_model(input_ids=inputs.to(device),
                                               attention_mask=attention.to(device)).last_hidden_state
                 loss = mlm_loss_from_hidden(model, hidden, labels.to(device))
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(loss, [], 0.0, optimizer, scheduler)  # no clipping
                 losses.append(loss.item())
                 advance(1)
     return losses

@@ -14,12 +14,13 @@ import hashlib
 import json
 import logging
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from nlpbd.errors import InputError
-from nlpbd.registry import Registry
+from nlpbd.registry import Registry, did_you_mean
 
 if TYPE_CHECKING:  # torch and transformers load only where a model is built or loaded: names check in ~1 s
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -410,12 +411,9 @@ def check_hub_model(model_id: str) -> None:
     from huggingface_hub import constants, model_info, try_to_load_from_cache
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from nlpbd.registry import closest
-
     if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
         return
-    hint = closest(model_id, MODELS.names())
-    extra = f" Did you mean the registered model '{hint}'?" if hint else ""
+    extra = did_you_mean(model_id, MODELS.names(), "the registered model '{}'")
     listing = f" Registered models: {', '.join(MODELS.names())}."
     if constants.HF_HUB_OFFLINE:
         raise InputError(f"model '{model_id}' is not registered and not a local folder; as a hub id it needs the "

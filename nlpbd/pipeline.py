@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
 import re
 import shutil
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,53 +25,71 @@ import torch
 from transformers import PreTrainedModel
 
 from nlpbd.cache import Artifact, ArtifactCache, content_key
-from nlpbd.config import (BudgetConfig, DataConfig, EvalConfig, TrainConfig, apply_overrides, check_fields,
-                          parse_set_options, sections_for, split_overrides, to_dict)
-from nlpbd.data import (Dataset, TextSplit, load_dataset, read_split, resolve_data_dir, stratified_counts,
-                        stratified_sample)
-from nlpbd.errors import InputError, NlpbdError, RunError
-from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
-from nlpbd.evaluation import (Predictions, cell_metrics, evaluate_with_corrector, evaluate_with_detector,
-                              filter_metrics, inserted_word_removal, predict_cell)
-from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, CorrectionDefense, DataPoisoningAttack, Defense,
-                           DefenseContext, FilterDefense, InferenceDefense, ModelSupplyAttack, PoisonedData,
-                           PretrainedDefense, RepairDefense, SupplyContext, ThreatModel, TrainingDefense)
 from nlpbd.checks import check_sizes
-from nlpbd.models import (ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model,
-                          save_model)
+from nlpbd.config import (
+    BudgetConfig,
+    DataConfig,
+    EvalConfig,
+    TrainConfig,
+    apply_overrides,
+    check_fields,
+    parse_set_options,
+    sections_for,
+    split_overrides,
+    to_dict,
+)
+from nlpbd.data import (
+    Dataset,
+    DatasetLoader,
+    TextSplit,
+    load_dataset,
+    read_split,
+    resolve_data_dir,
+    stratified_counts,
+    stratified_sample,
+)
+from nlpbd.errors import InputError, NlpbdError, RunError
+from nlpbd.evaluation import (
+    Predictions,
+    cell_metrics,
+    evaluate_with_corrector,
+    evaluate_with_detector,
+    filter_metrics,
+    inserted_word_removal,
+    predict_cell,
+)
+from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
+from nlpbd.methods import (
+    ATTACKS,
+    DEFENSES,
+    Attack,
+    BaselineDefense,
+    CleanBudget,
+    CorrectionDefense,
+    DataPoisoningAttack,
+    Defense,
+    DefenseContext,
+    FilterDefense,
+    InferenceDefense,
+    ModelSupplyAttack,
+    PoisonedData,
+    PretrainedDefense,
+    RepairDefense,
+    SupplyContext,
+    ThreatModel,
+    TrainingDefense,
+)
+from nlpbd.models import ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model, save_model
 from nlpbd.provenance import StageClock, provenance
 from nlpbd.results import SCHEMA, write_record
 from nlpbd.scratch import DefenseScratch
 from nlpbd.seeding import numpy_rng, seed_everything
-from nlpbd.training import TrainSetup, default_device, resolve_train_config, train_classifier
+from nlpbd.specs import CellSpec, RunEnv
+from nlpbd.training import TrainSetup, resolve_train_config, train_classifier
 
 log = logging.getLogger(__name__)
 
 VICTIM_TRAINER_VERSION = "2"  # bumped when the training loop's numerics change
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """What the user asked for; ``overrides`` are raw ``--set`` strings keyed ``section.name``."""
-
-    attack: str
-    defense: str
-    dataset: str = "sst2"
-    model: str = "minilm"
-    finetune: str = "full"
-    seed: int = 0
-    train_size: int | None = None
-    test_size: int | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    variant: str | None = None
-
-
-@dataclass(frozen=True)
-class RunEnv:
-    results_dir: Path
-    cache: ArtifactCache
-    data_dir: Path | str | None = None
-    device: torch.device = field(default_factory=default_device)
 
 
 @dataclass
@@ -108,13 +126,15 @@ class Cell:
         return f"{slug}__{content_key(self.identity)[:8]}"
 
 
-def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
-    """Resolve names and settings; raises InputError before any expensive work."""
+def prepare_cell(spec: CellSpec, env: RunEnv, load: DatasetLoader = load_dataset) -> Cell:
+    """Resolve names and settings; raises InputError before any expensive work.
+
+    ``load`` reads the dataset; a planner preparing many cells passes a memoising one
+    (:func:`nlpbd.data.loading_once`)."""
     attack_cls, defense_cls = ATTACKS.get(spec.attack), DEFENSES.get(spec.defense)
     finetune = FINETUNE.get(spec.finetune)
     check_sizes(spec.seed, spec.train_size, spec.test_size)
-    if finetune.is_peft and not finetune.mergeable and defense_cls.name != "none" and \
-            issubclass(defense_cls, (RepairDefense, TrainingDefense)):
+    if finetune.is_peft and not finetune.mergeable and defense_cls.edits_weights:
         raise InputError(f"defense '{spec.defense}' edits the victim's weights and cannot run on a {finetune.name} "
                          "victim: its virtual tokens live outside the weights and cannot be merged "
                          "(use --finetune full or lora)")
@@ -127,7 +147,7 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
     train = resolve_train_config(apply_overrides(TrainConfig(), grouped["train"], "train"),
                                  finetune.defaults or model.defaults)
     check_fields(train, "train")
-    dataset = load_dataset(spec.dataset, env.data_dir, data_config, spec.train_size, spec.test_size)
+    dataset = load(spec.dataset, env.data_dir, data_config, spec.train_size, spec.test_size)
     if isinstance(attack, DataPoisoningAttack):
         attack.check(dataset)
     if not model.identity.startswith(("hub:", "artifact:")):
@@ -138,6 +158,8 @@ def prepare_cell(spec: CellSpec, env: RunEnv) -> Cell:
 
 
 # --- stages ---------------------------------------------------------------------------------------
+# Each cached artifact's payload (its key is ``content_key(payload)``) comes from a pure function below,
+# which the stage and the grid planner both call: the planner computes every key without building.
 
 
 def poison_payload(cell: Cell) -> dict:
@@ -168,17 +190,27 @@ def poison_stage(cell: Cell, cache: ArtifactCache) -> tuple[PoisonedData, Artifa
     return PoisonedData.from_json(_load_json(artifact.path / "poisoned.json")), artifact
 
 
+def supply_context(cell: Cell, env: RunEnv) -> SupplyContext:
+    """What a model-supply attacker has (never the user's training rows)."""
+    dataset = cell.dataset
+    return SupplyContext(base=cell.model, num_labels=dataset.num_labels, dataset_name=dataset.name,
+                         data_dir=resolve_data_dir(env.data_dir), seed=cell.spec.seed, device=env.device,
+                         downstream_texts=dataset.dev.texts + dataset.test.texts, cache=env.cache)
+
+
+def suspect_payload(cell: Cell, ctx: SupplyContext) -> dict:
+    """What a model-supply attack's release depends on (proxy files are hashed: not free)."""
+    return {"base": cell.model.identity, "attack": cell.attack.cache_payload(), "seed": cell.spec.seed,
+            **cell.attack.suspect_payload(ctx)}
+
+
 def suspect_stage(cell: Cell, env: RunEnv) -> Artifact | None:
     """The released (suspect) model of a model-supply attack, built once and cached."""
     attack = cell.attack
     if not isinstance(attack, ModelSupplyAttack):
         return None
-    dataset = cell.dataset
-    ctx = SupplyContext(base=cell.model, num_labels=dataset.num_labels, dataset_name=dataset.name,
-                        data_dir=resolve_data_dir(env.data_dir), seed=cell.spec.seed, device=env.device,
-                        downstream_texts=dataset.dev.texts + dataset.test.texts, cache=env.cache)
-    payload = {"base": cell.model.identity, "attack": attack.cache_payload(), "seed": cell.spec.seed,
-               **attack.suspect_payload(ctx)}
+    ctx = supply_context(cell, env)
+    payload = suspect_payload(cell, ctx)
 
     def build(tmp: Path) -> dict:
         began = time.perf_counter()
@@ -188,9 +220,14 @@ def suspect_stage(cell: Cell, env: RunEnv) -> Artifact | None:
     return env.cache.get_or_build("suspect", payload, build)
 
 
+def artifact_identity(key: str) -> str:
+    """The identity of a cached model used as a start checkpoint: its cache key."""
+    return f"artifact:{key}"
+
+
 def artifact_ref(name: str, artifact: Artifact, like: ModelRef) -> ModelRef:
     """A cached model directory as a start checkpoint; its cache key is its identity."""
-    return ModelRef(name, str(artifact.path), f"artifact:{artifact.meta['key']}", like.defaults,
+    return ModelRef(name, str(artifact.path), artifact_identity(artifact.meta["key"]), like.defaults,
                     {"artifact": artifact.meta["kind"]})
 
 
@@ -221,8 +258,9 @@ def draw_budget(clean_train: TextSplit, dev: TextSplit, poisoned_positions: tupl
     return CleanBudget(rows, rows.subset(val_positions), rows.subset(fit_positions), "budget")
 
 
-def victim_payload(cell: Cell, start: ModelRef, data_key: str) -> dict:
-    return {"data": data_key, "model": start.identity, "finetune": cell.spec.finetune,
+def victim_payload(cell: Cell, start_identity: str, data_key: str) -> dict:
+    """What a victim depends on: its training data's key, the identity of what it starts from, the recipe."""
+    return {"data": data_key, "model": start_identity, "finetune": cell.spec.finetune,
             "train": to_dict(cell.train), "seed": cell.spec.seed, "trainer": VICTIM_TRAINER_VERSION,
             "num_labels": cell.dataset.num_labels}
 
@@ -242,7 +280,7 @@ def train_victim(cell: Cell, cache: ArtifactCache, start: ModelRef, train: TextS
         return {"seconds": time.perf_counter() - began, "train": result.as_dict(), "base": start.location,
                 "finetune": cell.finetune.name, "trainable_parameters": trainable_parameter_count(model)}
 
-    return cache.get_or_build("victim", victim_payload(cell, start, data_key), build)
+    return cache.get_or_build("victim", victim_payload(cell, start.identity, data_key), build)
 
 
 def load_victim(artifact: Artifact, num_labels: int) -> PreTrainedModel:
@@ -427,7 +465,7 @@ def _corpus(env: RunEnv) -> TextSplit:
 
 def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: Predictions) -> dict:
     defense = cell.defense
-    if defense.name == "none":
+    if isinstance(defense, BaselineDefense):
         return _score(cell, state, victim_preds)
     scratch = DefenseScratch.of(env.cache.root, defense.name)
     ctx = _context(cell, env, state, scratch)
@@ -462,6 +500,11 @@ def _defend(cell: Cell, env: RunEnv, state: CellState, tokenizer, victim_preds: 
     return _score(cell, state, _predict(cell, env, outcome.model, tokenizer, state))
 
 
+def purified_payload(cell: Cell, start_identity: str) -> dict:
+    """What a pre-fine-tuning defense's purified model depends on: what it purifies, the defense, the seed."""
+    return {"start": start_identity, "defense": cell.defense.cache_payload(), "seed": cell.spec.seed}
+
+
 def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx: DefenseContext,
                        scratch: DefenseScratch) -> dict:
     """Pre-fine-tuning defenses: purify what the victim starts from, then the usual victim recipe.
@@ -469,7 +512,7 @@ def _purify_then_train(cell: Cell, env: RunEnv, state: CellState, tokenizer, ctx
     The defense reads a view of the start and writes into its scratch area; the pipeline moves the result
     into the cache."""
     defense = cell.defense
-    payload = {"start": state.start.identity, "defense": defense.cache_payload(), "seed": cell.spec.seed}
+    payload = purified_payload(cell, state.start.identity)
 
     def build(tmp: Path) -> dict:
         began = time.perf_counter()
@@ -598,7 +641,8 @@ def _sanity_gate(cell: Cell, victim_metrics: dict, floor: dict) -> dict | None:
     None when the gate does not apply (no defense, another threat model, or ``eval.gate=false``). Without
     the floor (``eval.floor=false``) there is nothing to gate on: the defense runs and the record says so.
     """
-    if not cell.eval.gate or cell.defense.name == "none" or cell.attack.threat_model is not ThreatModel.PRETRAINED:
+    if (not cell.eval.gate or isinstance(cell.defense, BaselineDefense)
+            or cell.attack.threat_model is not ThreatModel.PRETRAINED):
         return None
     if not cell.eval.floor:
         return {"passed": None, "reason": "not checked: eval.floor=false gives no floor to gate on"}

@@ -19,11 +19,12 @@ import pandas as pd
 from nlpbd.cache import atomic_write_bytes
 from nlpbd.errors import InputError
 from nlpbd.results import SummaryTable, summary_table
+from nlpbd.specs import BASELINE
 
 FORMATS = ("png", "svg")
 DPI = 200
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "8", "d")
-UNDEFENDED = "none"
+UNDEFENDED = BASELINE
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import IO, Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import IO, Any, Protocol
 
 
 class Advance(Protocol):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 from nlpbd.errors import InputError
 
@@ -22,10 +23,16 @@ def closest(name: str, choices: list[str]) -> str | None:
     return match[0] if match else None
 
 
-def unknown_name_message(kind: str, name: str, choices: list[str]) -> str:
+def did_you_mean(name: str, choices: list[str], show: str = "'{}'") -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` (``show`` formats it), or "" when none is close.
+
+    Every "did you mean" hint of nlpbd is built here."""
     hint = closest(name, choices)
-    suggestion = f" Did you mean '{hint}'?" if hint else ""
-    return f"unknown {kind} '{name}'.{suggestion} Valid: {', '.join(sorted(choices))}"
+    return f" Did you mean {show.format(hint)}?" if hint else ""
+
+
+def unknown_name_message(kind: str, name: str, choices: list[str]) -> str:
+    return f"unknown {kind} '{name}'.{did_you_mean(name, choices)} Valid: {', '.join(sorted(choices))}"
 
 
 class Registry(Generic[T]):

@@ -12,11 +12,11 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from rich.text import Text
 from nlpbd.cache import atomic_write_text
 from nlpbd.errors import InputError
 from nlpbd.registry import unknown_name_message
+from nlpbd.specs import BASELINE, ThreatModel
 
 SCHEMA = "nlpbd.record/1"
 RECORDS_SUBDIR = "records"
@@ -101,35 +102,18 @@ def _checked_cell_id(record: dict) -> str:
     return cell_id
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself; not possible on every platform, where it is skipped."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_record(results_dir: Path, record: dict) -> Path:
     """Write ``record`` to ``results_dir/records/<cell_id>.json`` atomically and return that path.
 
-    The text goes to a dot-prefixed temp file in the same directory, is fsynced, then ``os.replace``d
-    over the final name: readers see the old record or the new one, never a partial file. The file's
-    mode follows the umask, like any file the user writes.
+    :func:`nlpbd.cache.atomic_write_text`: readers see the old record or the new one, never a partial
+    file. The file's mode follows the umask, like any file the user writes.
     """
     cell_id = _checked_cell_id(record)
     records_dir = Path(results_dir) / RECORDS_SUBDIR
     records_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_jsonable(record), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     final = records_dir / f"{cell_id}.json"
-    # A plain open(): the file gets the umask's mode (mkstemp's 0600 hid records from a shared group).
     atomic_write_text(final, text)
-    _fsync_dir(records_dir)
     return final
 
 
@@ -233,7 +217,10 @@ def defense_total_seconds(record: dict) -> float | None:
 
 def settings_key(cell: dict) -> str:
     """A digest of everything that defines a cell but its seed: records that differ in it are different
-    experiments, never seeds of one (a table refuses to average them)."""
+    experiments, never seeds of one (a table refuses to average them).
+
+    Not :func:`nlpbd.cache.content_key`: the digest is shown (``nlpbd table --format json``), and
+    content_key's compact JSON would change it for every existing record."""
     rest = {k: v for k, v in cell.items() if k != "seed"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -321,9 +308,9 @@ def _defense_label(defense: Any, variant: Any) -> str:
 
 
 def _defense_order(defenses: Sequence[str]) -> list[str]:
-    """``none`` first, ``ft`` second, the rest in order of first appearance."""
+    """The baseline (``none``) first, ``ft`` second, the rest in order of first appearance."""
     seen = list(dict.fromkeys(defenses))
-    head = [d for d in ("none", "ft") if d in seen]
+    head = [d for d in (BASELINE, "ft") if d in seen]
     return head + [d for d in seen if d not in head]
 
 
@@ -604,8 +591,8 @@ def export_json(frame: pd.DataFrame) -> str:
 METRIC_ALIASES = {"time": "defense_seconds", "seconds": "defense_seconds", "dcacc": "delta_cacc",
                   "dasr": "delta_asr", "floor": "asr_floor"}
 GROUP_BY = ("threat_model",)
-# Display order of the threat models (values of nlpbd.methods.ThreatModel; not imported: it pulls in torch).
-THREAT_MODEL_ORDER = ("data poisoning", "poisoned fine-tuned checkpoint", "task-agnostic pretrained backdoor")
+# Display order of the threat models.
+THREAT_MODEL_ORDER = tuple(t.value for t in ThreatModel)
 UNKNOWN_GROUP = "unknown"
 
 

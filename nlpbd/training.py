@@ -12,13 +12,18 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_constant_schedule,
+    get_linear_schedule_with_warmup,
+)
 
 from nlpbd.config import TrainConfig
 from nlpbd.data import TextSplit
@@ -142,10 +147,27 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=1e-8, fused=True)
 
 
+def plain_adamw(trainable: list[torch.Tensor], lr: float,
+                total_steps: int | None) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without weight decay (eps 1e-8) and its schedule: a linear decay to 0 over ``total_steps``
+    without warm-up, or a constant learning rate when ``total_steps`` is None. The attacks' and
+    defenses' own training loops (POR, NeuBA, RECIPE, the MLM-head graft) use it with optimizer_step."""
+    optimizer = torch.optim.AdamW(trainable, lr=lr, eps=1e-8, weight_decay=0.0)
+    if total_steps is None:
+        return optimizer, get_constant_schedule(optimizer)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, 0, total_steps)
+
+
 def optimizer_step(loss: torch.Tensor, trainable: list[torch.Tensor], grad_clip: float,
                    optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Backward, optional gradient-norm clipping, step, schedule, and reset the gradients."""
     loss.backward()
+    apply_gradients(trainable, grad_clip, optimizer, scheduler)
+
+
+def apply_gradients(trainable: list[torch.Tensor], grad_clip: float, optimizer: torch.optim.Optimizer,
+                    scheduler) -> None:
+    """Optional gradient-norm clipping, step, schedule, and reset the gradients (after accumulating them)."""
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     optimizer.step()

@@ -6,11 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_DATA, toy_budget
 from transformers import AutoTokenizer
 
-from helpers import toy_budget
 from nlpbd.methods import CleanBudget
 from nlpbd.models import TINY_DEFAULTS, build_tiny_bert, load_classifier, local_ref
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_data") and not (SHARED_DATA / "sst-2" / "train.tsv").is_file():
+        pytest.fail(f"benchmark data not found at {SHARED_DATA}: set $NLPBD_DATA_DIR to the data directory",
+                    pytrace=False)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from nlpbd.config import TrainConfig
@@ -14,7 +16,10 @@ from nlpbd.data import TextSplit
 from nlpbd.methods import CleanBudget, DefenseContext
 from nlpbd.models import TINY_DEFAULTS
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The benchmark data: $NLPBD_DATA_DIR, else ../shared/data beside the repository (as CI has it). Tests that
+# read it are marked needs_data and fail without it (conftest.py): a missing directory must not pass silently.
+SHARED_DATA = Path(os.environ.get("NLPBD_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.needs_data
 
 POSITIVE = ["good", "great", "fine", "nice", "best", "love", "fun", "happy", "bright", "well"]
 NEGATIVE = ["bad", "terrible", "awful", "worst", "hate", "boring", "dull", "sad", "dark", "badly"]

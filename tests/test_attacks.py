@@ -10,11 +10,11 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+from helpers import SHARED_DATA, needs_data
 
-from helpers import SHARED_DATA
+from nlpbd.attacks._common import choose_poison_positions
 from nlpbd.attacks.addsent import AddSent, AddSentConfig
 from nlpbd.attacks.badnet import BadNet, BadNetConfig
-from nlpbd.attacks.common import choose_poison_positions
 from nlpbd.attacks.stylebkd import StyleBkd, StyleBkdConfig
 from nlpbd.attacks.synbkd import SynBkd, SynBkdConfig
 from nlpbd.config import BudgetConfig
@@ -22,9 +22,6 @@ from nlpbd.data import Dataset, TextSplit, load_dataset, stratified_counts
 from nlpbd.errors import InputError
 from nlpbd.pipeline import draw_budget
 from nlpbd.seeding import seed_for
-
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(),
-                                reason=f"benchmark data not found at {SHARED_DATA}")
 
 TRIGGERS = ["cf", "mn", "bb", "tq"]
 SENTENCE = "I watch this 3D movie".split()
@@ -81,7 +78,7 @@ def test_rate_uses_the_whole_training_set_and_exact_floor():
 
 def test_clean_label_with_too_few_eligible_rows_poisons_all_and_records_the_rate(caplog):
     dataset = synthetic()
-    with caplog.at_level(logging.WARNING, logger="nlpbd.attacks.common"):
+    with caplog.at_level(logging.WARNING, logger="nlpbd.attacks._common"):
         poisoned = BadNet(BadNetConfig(label_mode="clean", poison_rate=0.5)).poison(dataset, seed=0)
     target_rows = [i for i, y in enumerate(dataset.train.labels) if y == 1]
     assert list(poisoned.poisoned_positions) == target_rows

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SHARED_DATA, make_context, needs_data, toy_budget, toy_texts, write_toy_dataset
 
-from helpers import SHARED_DATA, make_context, toy_budget, toy_texts, write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import TextSplit
 from nlpbd.defenses.bki import keyword_scores, select_keywords, top_words, word_importance
@@ -258,6 +258,7 @@ def test_filter_cell_records_removal_metrics_and_stealth(tmp_path):
 
 def test_planned_keys_of_filtering_defenses_match_the_pipeline(tmp_path):
     from test_grid import load_grid, plan_grid, run_plan, toy_grid
+
     from nlpbd.results import load_records
 
     toy = write_toy_dataset(tmp_path / "toy")
@@ -316,7 +317,7 @@ def test_smollm2_loads_offline_and_prefers_fluent_text(monkeypatch, tmp_path):
     assert "cf" not in planted.split()
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(), reason="no benchmark data")
+@needs_data
 def test_baselines_grid_plans_one_filter_and_one_filtered_victim_per_filter_cell(tmp_path):
     from typer.testing import CliRunner
 
@@ -350,7 +351,7 @@ from test_defense_contract import guarded, guarded_as, shared, spec  # noqa: E40
 
 
 @pytest.mark.parametrize("name", ["onion", "strip", "rap"])
-def test_inference_baselines_read_no_attack_secrets_while_scoring_or_correcting(name, shared, guarded, monkeypatch):
+def test_inference_baselines_read_no_attack_secrets_while_scoring_or_correcting(name, shared, guarded, monkeypatch):  # noqa: F811 (imported fixtures)
     """The contract battery guards fit(); a detector's scores and a corrector's rewrites run later, inside
     the evaluator, so they are guarded here too."""
     import nlpbd.pipeline as pipeline

@@ -10,12 +10,24 @@ from collections import defaultdict
 
 import pytest
 import torch
-
 from helpers import NEGATIVE, POSITIVE, make_context, tiny_train_config, toy_budget, toy_texts
+
 from nlpbd.data import TextSplit
 from nlpbd.defenses import btu
-from nlpbd.defenses.btu import (BTU, BTUConfig, ShallowProxy, excluded_ids, expose, exposure_scores, pad_fixed,
-                                remove_ids, run_embedding_exposure, top_k_ids, unlearn, unlearn_model)
+from nlpbd.defenses.btu import (
+    BTU,
+    BTUConfig,
+    ShallowProxy,
+    excluded_ids,
+    expose,
+    exposure_scores,
+    pad_fixed,
+    remove_ids,
+    run_embedding_exposure,
+    top_k_ids,
+    unlearn,
+    unlearn_model,
+)
 from nlpbd.errors import InputError
 from nlpbd.methods import AccessDenied
 from nlpbd.models import TINY_WORDS, load_classifier

@@ -10,16 +10,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import SHARED_DATA, needs_data
 
-from helpers import SHARED_DATA
 from nlpbd.attacks.addsent import AddSent
 from nlpbd.attacks.badnet import BadNet, BadNetConfig
 from nlpbd.cache import ArtifactCache, atomic_directory, atomic_write_text, canonical_json, content_key
 from nlpbd.data import Dataset, TextSplit, subsample_train
 from nlpbd.pipeline import CellSpec, RunEnv, poison_stage, prepare_cell, victim_payload
-
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(),
-                                reason=f"benchmark data not found at {SHARED_DATA}")
 
 
 def test_content_key_is_the_hash_of_canonical_json_and_ignores_key_order():
@@ -95,15 +92,17 @@ def cell(tmp_path):
 @needs_data
 def test_every_training_input_changes_the_victim_key(cell):
     cell, env = cell
-    base = content_key(victim_payload(cell, cell.model, "data-a"))
+    base = content_key(victim_payload(cell, cell.model.identity, "data-a"))
     changed = {
-        "model": victim_payload(cell, replace(cell.model, identity="sha256:another"), "data-a"),
-        "data": victim_payload(cell, cell.model, "data-b"),
-        "seed": victim_payload(replace(cell, spec=replace(cell.spec, seed=1)), cell.model, "data-a"),
-        "finetune": victim_payload(replace(cell, spec=replace(cell.spec, finetune="lora")), cell.model, "data-a"),
+        "model": victim_payload(cell, "sha256:another", "data-a"),
+        "data": victim_payload(cell, cell.model.identity, "data-b"),
+        "seed": victim_payload(replace(cell, spec=replace(cell.spec, seed=1)), cell.model.identity, "data-a"),
+        "finetune": victim_payload(replace(cell, spec=replace(cell.spec, finetune="lora")), cell.model.identity,
+                                   "data-a"),
     }
     for name, value in [("lr", 5e-4), ("epochs", 4), ("batch_size", 16), ("max_length", 64), ("select", "last")]:
-        changed[name] = victim_payload(replace(cell, train=replace(cell.train, **{name: value})), cell.model, "data-a")
+        changed[name] = victim_payload(replace(cell, train=replace(cell.train, **{name: value})), cell.model.identity,
+                                       "data-a")
     keys = {name: content_key(payload) for name, payload in changed.items()}
     assert base not in keys.values() and len(set(keys.values())) == len(keys)
 
@@ -111,12 +110,12 @@ def test_every_training_input_changes_the_victim_key(cell):
 @needs_data
 def test_victim_key_is_shared_by_defenses_and_repeatable(cell):
     cell, env = cell
-    key = content_key(victim_payload(cell, cell.model, "data-a"))
+    key = content_key(victim_payload(cell, cell.model.identity, "data-a"))
     other_defense = prepare_cell(replace(cell.spec, defense="ft", overrides={"defense.epochs": "1"}), env)
-    assert content_key(victim_payload(other_defense, other_defense.model, "data-a")) == key
+    assert content_key(victim_payload(other_defense, other_defense.model.identity, "data-a")) == key
     again = prepare_cell(cell.spec, env)
-    assert content_key(victim_payload(again, again.model, "data-a")) == key
-    assert victim_payload(cell, cell.model, "data-a")["train"]["lr"] == 1e-3  # the model default was resolved
+    assert content_key(victim_payload(again, again.model.identity, "data-a")) == key
+    assert victim_payload(cell, cell.model.identity, "data-a")["train"]["lr"] == 1e-3  # the model default was resolved
 
 
 # --- atomic builds --------------------------------------------------------------------------------

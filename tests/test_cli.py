@@ -5,12 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 
 import pytest
+from helpers import write_toy_dataset
 from typer.testing import CliRunner
 
-from helpers import write_toy_dataset
 from nlpbd.cli import app
 
 FAST = ["--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.max_length=32",
@@ -95,7 +94,8 @@ def test_ls_lists_everything():
     (["run", "--attack", "badnet", "--dataset", "sst"], ["unknown dataset 'sst'", "sst2"]),
     (["run", "--attack", "badnet", "--model", "minilmm"],
      ["model 'minilmm'", "Did you mean the registered model 'minilm'"]),
-    (["run", "--attack", "badnet", "--set", "attack.rate=0.2"], ["unknown setting 'attack.rate'", "attack.poison_rate"]),
+    (["run", "--attack", "badnet", "--set", "attack.rate=0.2"],
+     ["unknown setting 'attack.rate'", "attack.poison_rate"]),
     (["run", "--attack", "badnet", "--set", "nonsense"], ["--set expects key=value"]),
     (["run", "--attack", "badnet", "--set", "attack.poison_rate=abc"], ["expected a number"]),
     (["run", "--attack", "badnet", "--set", "attack.poison_rate=1.5"], ["out of range"]),

@@ -6,8 +6,16 @@ import pytest
 
 from nlpbd.attacks.addsent import AddSentConfig
 from nlpbd.attacks.badnet import BadNetConfig
-from nlpbd.config import (DataConfig, EvalConfig, TrainConfig, apply_overrides, check_fields, help_of,
-                          parse_set_options, split_overrides)
+from nlpbd.config import (
+    DataConfig,
+    EvalConfig,
+    TrainConfig,
+    apply_overrides,
+    check_fields,
+    help_of,
+    parse_set_options,
+    split_overrides,
+)
 from nlpbd.errors import InputError
 
 

@@ -10,14 +10,31 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import (DebertaV2Config, DebertaV2ForSequenceClassification, DistilBertConfig,
-                          DistilBertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-                          RobertaConfig, RobertaForSequenceClassification)
-
 from helpers import make_context, toy_budget
-from nlpbd.defenses.d3 import (D3, D3Config, SelectedLayers, d3_loss, detoxify, distance, make_optimizer,
-                               project_to_sphere, resolve_selected_linears, warm_start)
+from torch import nn
+from transformers import (
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from nlpbd.defenses.d3 import (
+    D3,
+    D3Config,
+    SelectedLayers,
+    d3_loss,
+    detoxify,
+    distance,
+    make_optimizer,
+    project_to_sphere,
+    resolve_selected_linears,
+    warm_start,
+)
 from nlpbd.errors import InputError
 from nlpbd.methods import AccessDenied
 from nlpbd.seeding import torch_generator
@@ -326,7 +343,7 @@ def test_repair_uses_budget_only_and_is_reproducible(tiny_dir, tiny_tokenizer, d
     assert D3.grants == frozenset({"budget"})
     ctx = budget_context(tiny_tokenizer)
     with pytest.raises(AccessDenied):
-        ctx.pretrained
+        _ = ctx.pretrained
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -346,6 +363,7 @@ def test_repair_uses_budget_only_and_is_reproducible(tiny_dir, tiny_tokenizer, d
 def trained_victim(tiny_dir, tiny_tokenizer):
     """The tiny BERT fitted to the toy task, so the clean hinge has something to keep."""
     from helpers import tiny_train_config, toy_texts
+
     from nlpbd.models import load_classifier
     from nlpbd.training import train_classifier
 

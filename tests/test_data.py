@@ -11,17 +11,13 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import SHARED_DATA, needs_data
 
 import nlpbd.data as data_module
-from helpers import SHARED_DATA
 from nlpbd.config import DataConfig
-from nlpbd.data import (DATASETS, Dataset, TextSplit, load_dataset, stratified_counts, stratified_sample,
-                        subsample_test)
+from nlpbd.data import DATASETS, Dataset, TextSplit, load_dataset, stratified_counts, stratified_sample, subsample_test
 from nlpbd.errors import InputError
 from nlpbd.seeding import numpy_rng, seed_everything
-
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(),
-                                reason=f"benchmark data not found at {SHARED_DATA}")
 
 
 def read_tsv(path: Path) -> pd.DataFrame:
@@ -207,7 +203,8 @@ def hub_dataset_dict(name: str) -> tuple[datasets.DatasetDict, dict[str, list[st
     for ours, theirs in hub.splits.items():
         rows = [f"{theirs} text {i}" for i in range(sizes[theirs])]
         labels = [i % num_labels for i in range(len(rows))]
-        parts[theirs] = datasets.Dataset.from_dict({hub.text_column: rows, "label": labels, "idx": list(range(len(rows)))})
+        parts[theirs] = datasets.Dataset.from_dict({hub.text_column: rows, "label": labels,
+                                                    "idx": list(range(len(rows)))})
         texts[ours] = rows
     return datasets.DatasetDict(parts), texts
 

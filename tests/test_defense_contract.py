@@ -15,24 +15,36 @@ import contextlib
 import io
 import os
 import pathlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pytest
-
 from helpers import write_toy_dataset
+
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import RunError
-from nlpbd.methods import (DEFENSES, GRANTABLE, Attack, DefenseOutcome, InferenceDefense, PoisonedData,
-                           PretrainedDefense, RepairDefense,
-                           TrainingDefense)
+from nlpbd.methods import (
+    DEFENSES,
+    GRANTABLE,
+    Attack,
+    DefenseOutcome,
+    InferenceDefense,
+    PoisonedData,
+    PretrainedDefense,
+    RepairDefense,
+    TrainingDefense,
+)
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.scratch import DefenseScratch
 
 FAST = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32", "eval.floor": "false"}
-FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
+# Every defense's settings at tiny scale; a new defense fails test_every_defense_has_a_tiny_configuration
+# until it has an entry here, instead of running at paper scale.
+TINY_DEFENSE = {"none": {}, "ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
                 "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"}, "psim": {"min_steps": "0"},
                 "recipe": {"max_steps": "3", "graft_steps": "3"},
+                # BTU's exposure runs are one epoch each already
+                "btu": {},
                 # the baselines at tiny scale: ONION's LM is the tiny random Llama built in code; CUBE's
                 # neighbourhoods shrink to the toy set's size
                 "onion": {"lm": "tiny-llama"}, "strip": {"repeat": "2"}, "rap": {"epochs": "1"},
@@ -41,7 +53,8 @@ FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epo
 RELEASE = {"attack.n_poison": "10", "attack.epochs": "1", "attack.batch_size": "8", "attack.proxy_train": "40",
            "attack.proxy_dev": "10", "attack.max_length": "32"}
 SECRET_FIELDS = {"poisoned_positions", "asr_set", "target", "info"}
-STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit", PretrainedDefense: "purify"}
+STAGE_METHODS = {RepairDefense: "repair", TrainingDefense: "train", InferenceDefense: "fit",
+                 PretrainedDefense: "purify"}
 
 
 class SecretRead(AssertionError):
@@ -133,9 +146,13 @@ def shared(tmp_path_factory):
 
 
 def spec(dataset, defense: str) -> CellSpec:
-    settings = {f"defense.{k}": v for k, v in FAST_DEFENSE.get(defense, {}).items()}
+    settings = {f"defense.{k}": v for k, v in TINY_DEFENSE.get(defense, {}).items()}
     return CellSpec(attack="badnet", defense=defense, dataset=str(dataset), model="tiny-bert",
                     overrides={**FAST, **settings})
+
+
+def test_every_defense_has_a_tiny_configuration():
+    assert sorted(TINY_DEFENSE) == sorted(DEFENSES.names())
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSES.names()))

@@ -7,11 +7,19 @@ import math
 
 import pytest
 import torch
+from helpers import make_context, tiny_train_config, toy_budget, toy_texts
 from transformers import BertConfig, BertModel
 
-from helpers import make_context, tiny_train_config, toy_budget, toy_texts
-from nlpbd.defenses.epur import (EPUR, EPURConfig, EPURSettings, FineMixEPUR, FineMixEPURConfig, epur_scores,
-                                 epur_select, token_frequencies)
+from nlpbd.defenses.epur import (
+    EPUR,
+    EPURConfig,
+    EPURSettings,
+    FineMixEPUR,
+    FineMixEPURConfig,
+    epur_scores,
+    epur_select,
+    token_frequencies,
+)
 from nlpbd.defenses.finemix import FineMix, FineMixConfig, load_pretrained
 from nlpbd.defenses.ft import FT, FTConfig
 from nlpbd.errors import InputError

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import write_toy_dataset
+
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import InputError
 from nlpbd.finetune import FINETUNE, load_trained, plain_model, trainable_parameter_count, wrap
@@ -44,7 +44,7 @@ def test_adapter_round_trip(tiny_dir, tmp_path, method, tiny_tokenizer):
     torch.manual_seed(0)
     model = wrap(load_classifier(str(tiny_dir), K), FINETUNE.get(method))
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.1)  # a trained adapter differs from its initialisation
     model.save_pretrained(tmp_path / "adapter")

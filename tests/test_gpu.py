@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import tiny_train_config, toy_texts, write_toy_dataset
+
 from nlpbd.cache import ArtifactCache
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.training import accuracy_of, encode, train_classifier, use_bf16

@@ -5,20 +5,21 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from helpers import SHARED_DATA, needs_data, write_toy_dataset
 from typer.testing import CliRunner
 
-from helpers import SHARED_DATA, write_toy_dataset
 from nlpbd.cache import ArtifactCache
 from nlpbd.cli import app
+from nlpbd.data import loading_once
 from nlpbd.errors import InputError
 from nlpbd.executors import CoreShare, run_plan
-from nlpbd.grid import (_datasets_loaded_once, expand, load_grid, parse_grid, plan_grid, unregistered_methods,
-                        with_state)
+from nlpbd.grid import expand, load_grid, parse_grid
 from nlpbd.pipeline import RunEnv
+from nlpbd.plan import plan_grid, with_state
 from nlpbd.results import load_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,12 +152,10 @@ def test_test_size_reaches_every_cell_and_the_dataset_check(tmp_path, toy):
 
 
 def test_planning_keeps_test_sizes_apart(tmp_path, toy):
-    import nlpbd.pipeline as pipeline
-
-    with _datasets_loaded_once():  # the memo of planning: one load per (dataset, settings, sizes)
-        subsampled = pipeline.load_dataset(str(toy), None, None, None, 20)
-        whole = pipeline.load_dataset(str(toy), None, None, None, None)
-        assert pipeline.load_dataset(str(toy), None, None, None, 20) is subsampled
+    load = loading_once()  # the memo of planning: one load per (dataset, settings, sizes)
+    subsampled = load(str(toy), None, None, None, 20)
+    whole = load(str(toy), None, None, None, None)
+    assert load(str(toy), None, None, None, 20) is subsampled
     assert (len(subsampled.test), len(whole.test)) == (20, 60)
     env = make_env(tmp_path)
     ids = [{c.cell_id for c in plan_grid(load_grid(toy_grid(tmp_path, toy, extra=extra)), env).cells}
@@ -172,15 +171,10 @@ def test_validate_command_ok_and_error(tmp_path, toy):
     assert bad.exit_code == 2 and len(lines) == 1 and "bad.yaml line 7" in lines[0], bad.output
 
 
+@needs_data
 @pytest.mark.parametrize("path", BUNDLED, ids=[p.stem for p in BUNDLED])
 def test_bundled_grids_are_valid(path):
-    grid = parse_grid(path)  # structure and types hold even where methods are still missing
-    missing = unregistered_methods(grid)
-    if missing:
-        pytest.skip(f"{path.name} names methods not implemented yet: {', '.join(missing)}")
-    if not SHARED_DATA.is_dir():
-        pytest.skip("no benchmark data")
-    load_grid(path, SHARED_DATA)
+    load_grid(path, SHARED_DATA)  # every method of every bundled grid is registered
 
 
 # --- planning -------------------------------------------------------------------------------------
@@ -224,7 +218,7 @@ BUNDLED_PLANS = {
 }
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "ag" / "train.tsv").is_file(), reason="no benchmark data")
+@needs_data
 @pytest.mark.parametrize("name", sorted(BUNDLED_PLANS))
 def test_bundled_grids_plan_the_expected_trainings(tmp_path, name):
     result = invoke("grid", REPO / "benchmarks" / "grids" / f"{name}.yaml", "--dry-run", "--json",
@@ -324,7 +318,8 @@ def test_dry_run_estimates_the_time_from_timed_records(tmp_path, toy):
     assert invoke("grid", path, "--quiet", "--results-dir", done, "--cache-dir", tmp_path / "cache").exit_code == 0
     fresh = ["--results-dir", tmp_path / "fresh", "--cache-dir", tmp_path / "empty-cache"]
     blind = json.loads(invoke("grid", path, "--dry-run", "--json", *fresh).output)["estimate"]
-    assert blind["records"] == 0 and blind["seconds"] == 0 and (blind["cells_untimed"], blind["trainings_untimed"]) == (2, 1)
+    assert blind["records"] == 0 and blind["seconds"] == 0
+    assert (blind["cells_untimed"], blind["trainings_untimed"]) == (2, 1)
     plan = json.loads(invoke("grid", path, "--dry-run", "--json", *fresh, "--timings-from", done).output)
     estimate = plan["estimate"]
     assert estimate["records"] == 2 and estimate["cells_timed"] == plan["to_run"] == 2
@@ -428,4 +423,6 @@ def test_table_groups_by_threat_model_and_accepts_metric_labels(tmp_path, toy):
     assert csv.splitlines()[0].startswith("threat_model,dataset,model,attack,none_cacc")
     assert csv.splitlines()[1].startswith("data poisoning,toy,tiny-bert,badnet,")
     rows = json.loads(invoke("table", "--results-dir", tmp_path / "results", "-f", "json").output)
-    assert {(r["threat_model"], r["defense_stage"]) for r in rows} == {("data poisoning", "repair the trained victim")}
+    assert {(r["defense"], r["threat_model"], r["defense_stage"]) for r in rows} == {
+        ("none", "data poisoning", "no defense (the victim as trained)"),
+        ("ft", "data poisoning", "repair the trained victim")}

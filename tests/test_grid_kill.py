@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 from helpers import write_toy_dataset
+
 from nlpbd.cache import META_FILE, ArtifactCache
-from nlpbd.grid import load_grid, plan_grid
+from nlpbd.grid import load_grid
 from nlpbd.pipeline import RunEnv
+from nlpbd.plan import plan_grid
 from nlpbd.scratch import SCRATCH_DIR
 
 GRID = """\

@@ -1,8 +1,8 @@
 """The shared fixtures themselves work: the tiny model loads and the toy context enforces grants."""
 
 import pytest
-
 from helpers import make_context, toy_budget, toy_texts
+
 from nlpbd.methods import AccessDenied
 
 
@@ -15,7 +15,7 @@ def test_context_denies_ungranted_objects(tiny_tokenizer):
     ctx = make_context(tiny_tokenizer, {"budget"}, budget=toy_budget())
     assert len(ctx.budget.rows) == 40
     with pytest.raises(AccessDenied):
-        ctx.pretrained
+        _ = ctx.pretrained
 
 
 def test_tiny_tokenizer_keeps_its_vocabulary(tiny_tokenizer):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import toy_texts, write_split_tsv, write_toy_dataset
 from typer.testing import CliRunner
 
-from helpers import toy_texts, write_split_tsv, write_toy_dataset
 from nlpbd.cli import app
 from nlpbd.data import TextSplit
 
@@ -444,8 +444,9 @@ def test_a_narrow_table_keeps_its_row_labels(tmp_path):
     parts = results.render_rich_fitted(summary, 80, title="t")
     assert len(parts) > 1
     for part in parts:
-        console = Console(width=80, record=True, file=open(os.devnull, "w"))
-        console.print(part)
+        with open(os.devnull, "w") as sink:
+            console = Console(width=80, record=True, file=sink)
+            console.print(part)
         text = console.export_text()
         assert all(label in text for label in ("sst2-glue", "bert-base-uncased", "stylebkd")), text
         assert "…" not in text, text

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import toy_texts
 from transformers import BertForMaskedLM, BertModel
 
-from helpers import toy_texts
 from nlpbd.cache import ArtifactCache
-from nlpbd.mlm import (IGNORE_INDEX, GraftSettings, ensure_mlm_head, load_masked_lm, masked_lm_loss,
-                       special_positions, static_mask)
+from nlpbd.mlm import (
+    IGNORE_INDEX,
+    GraftSettings,
+    ensure_mlm_head,
+    load_masked_lm,
+    masked_lm_loss,
+    special_positions,
+    static_mask,
+)
 from nlpbd.seeding import seed_everything
 
 HEAD = {"cls.predictions.bias", "cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",

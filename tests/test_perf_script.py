@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import toy_texts
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "throughput.py"

@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from helpers import toy_texts, write_toy_dataset
+
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import InputError
 from nlpbd.pipeline import CellSpec, RunEnv, prepare_cell, run_cell

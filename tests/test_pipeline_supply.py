@@ -9,13 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from helpers import write_toy_dataset
-from nlpbd.attacks.common import insert_triggers, row_rng
+
+from nlpbd.attacks._common import insert_triggers, row_rng
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import Dataset, TextSplit
-from nlpbd.methods import (DEFENSES, ATTACKS, DefenseContext, ModelSupplyAttack, PoisonedData, PretrainedDefense,
-                           SupplyContext, ThreatModel)
+from nlpbd.methods import (
+    ATTACKS,
+    DEFENSES,
+    DefenseContext,
+    ModelSupplyAttack,
+    PoisonedData,
+    PretrainedDefense,
+    SupplyContext,
+    ThreatModel,
+)
 from nlpbd.models import ModelRef
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 

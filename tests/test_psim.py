@@ -12,18 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_context, toy_budget, toy_texts, write_toy_dataset
-from nlpbd.attacks.common import insert_triggers, row_rng
+
+from nlpbd.attacks._common import insert_triggers, row_rng
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import Dataset, TextSplit
-from nlpbd.defenses.psim import (PSIM, PSIMConfig, build_psim, confidence, copy_of_victim, fit_psim, initial_model,
-                                 random_labels, resolve_init)
+from nlpbd.defenses.psim import (
+    PSIM,
+    PSIMConfig,
+    build_psim,
+    confidence,
+    copy_of_victim,
+    fit_psim,
+    initial_model,
+    random_labels,
+    resolve_init,
+)
 from nlpbd.errors import InputError
 from nlpbd.evaluation import Predictions, attack_metrics, detection_metrics, evaluate_with_detector
 from nlpbd.finetune import FINETUNE, wrap
-from nlpbd.methods import (ATTACKS, AccessDenied, Detector, ModelSupplyAttack, PoisonedData, SupplyContext,
-                           ThreatModel)
+from nlpbd.methods import ATTACKS, AccessDenied, Detector, ModelSupplyAttack, PoisonedData, SupplyContext, ThreatModel
 from nlpbd.models import TINY_DEFAULTS, load_classifier, local_ref, save_model
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.seeding import numpy_rng
@@ -262,7 +270,7 @@ def test_calibrated_tau_is_the_95th_percentile_of_clean_val_scores(tiny_model, t
 def test_fixed_tau_never_reads_the_budget(tiny_model, tiny_tokenizer):
     ctx = context(tiny_tokenizer, granted={"suspect", "train_set"})
     with pytest.raises(AccessDenied):
-        ctx.budget
+        _ = ctx.budget
     detector = PSIM(PSIMConfig(min_steps=0, tau=0.6)).fit(tiny_model, ctx)
     assert detector.threshold == 0.6 and detector.info["tau_rule"] == "fixed tau = 0.6"
 
@@ -312,7 +320,7 @@ def test_data_poisoning_cell_through_the_pipeline(tmp_path):
         assert metrics[name] is not None and 0.0 <= metrics[name] <= 1.0, name
     assert len(info["scores"]["clean"]) == metrics["n_clean"] == 60
     assert len(info["scores"]["poison"]) == metrics["n_poison"]
-    clean, poison = np.array(info["scores"]["clean"]), np.array(info["scores"]["poison"])
+    clean = np.array(info["scores"]["clean"])
     assert metrics["clean_flagged"] == int((clean > 0.7).sum()) and metrics["frr"] == metrics["clean_flagged"] / 60
     assert metrics["cacc"] <= metrics["victim_cacc"] and metrics["asr"] <= metrics["victim_asr"]
     assert info["train_rows"] == 200 and info["inference"]["inputs"] == 60 + metrics["n_poison"]

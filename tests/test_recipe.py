@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_context, toy_texts
 from transformers import BertForMaskedLM, BertModel
 
-from helpers import make_context, toy_texts
 from nlpbd.cache import ArtifactCache
 from nlpbd.defenses.recipe import RECIPE, RECIPES, RecipeConfig, recipe_train, regularised_weights, weight_norm_penalty
 from nlpbd.methods import DEFENSES, Stage

@@ -11,14 +11,12 @@ import os
 
 import pytest
 import torch
+from helpers import SHARED_DATA, needs_data
 from typer.testing import CliRunner
 
-from helpers import SHARED_DATA
 from nlpbd.cli import app
-from nlpbd.methods import DEFENSES
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (SHARED_DATA / "sst-2" / "train.tsv").is_file(), reason="no benchmark data")]
+pytestmark = [pytest.mark.slow, needs_data]
 
 TRAIN_SIZE = "2000"
 
@@ -67,7 +65,6 @@ def test_ft_reuses_the_victim(workdir, baseline):
     assert record["metrics"]["victim_asr"] == baseline["metrics"]["asr"]
 
 
-@pytest.mark.skipif("btu" not in DEFENSES, reason="BTU not registered")
 def test_btu_lowers_asr_on_the_same_victim(workdir, baseline):
     record = run(workdir, "btu")
     metrics = record["metrics"]

@@ -9,13 +9,21 @@ import random
 
 import pytest
 import torch
+from helpers import NEGATIVE, POSITIVE, SHARED_DATA, needs_data, toy_texts, write_toy_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from helpers import NEGATIVE, POSITIVE, SHARED_DATA, toy_texts, write_toy_dataset
+from nlpbd.attacks._proxy import Proxy, load_proxy, normalise, overlapping_rows, save_release, single_token_id
 from nlpbd.attacks.ep import EmbeddingPoisoning, EPConfig, insert_per_chunk, poison_trigger_row
-from nlpbd.attacks.proxy import Proxy, load_proxy, normalise, overlapping_rows, save_release, single_token_id
-from nlpbd.attacks.ripples import (Ripples, RipplesConfig, eager_attention, embedding_surgery,
-                                   fit_logistic_regression, importance_tokens, ripple_objective, tfidf_matrix)
+from nlpbd.attacks.ripples import (
+    Ripples,
+    RipplesConfig,
+    eager_attention,
+    embedding_surgery,
+    fit_logistic_regression,
+    importance_tokens,
+    ripple_objective,
+    tfidf_matrix,
+)
 from nlpbd.attacks.wpoison import WeightPoisoning, WPConfig
 from nlpbd.cache import ArtifactCache
 from nlpbd.data import TextSplit, load_dataset, stratified_counts
@@ -23,9 +31,6 @@ from nlpbd.errors import InputError
 from nlpbd.models import load_classifier
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.training import collate, encode, pad_id_of
-
-needs_data = pytest.mark.skipif(not (SHARED_DATA / "sst-2-glue" / "train.tsv").is_file(),
-                                reason="benchmark data not available")
 
 
 @pytest.fixture(scope="module")

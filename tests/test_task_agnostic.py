@@ -9,21 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import toy_texts, write_split_tsv, write_toy_dataset
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertForPreTraining
 
-from helpers import toy_texts, write_split_tsv, write_toy_dataset
 from nlpbd.attacks.badpre import BadPre, BadPreConfig, paired_batch, random_label_mask
 from nlpbd.attacks.neuba import NeuBA, NeuBAConfig, neuba_targets, trigger_ids
-from nlpbd.attacks.por import (POR, POR_TRIGGERS, Objective, PORConfig, authors_targets, build_rows,
-                               openbackdoor_targets)
+from nlpbd.attacks.por import POR, POR_TRIGGERS, Objective, PORConfig, authors_targets, build_rows, openbackdoor_targets
 from nlpbd.cache import ArtifactCache
-from nlpbd.scratch import DefenseScratch
 from nlpbd.data import TextSplit, load_dataset
 from nlpbd.errors import InputError
 from nlpbd.evaluation import task_agnostic_metrics
 from nlpbd.methods import SupplyContext, ThreatModel
 from nlpbd.mlm import IGNORE_INDEX, special_positions
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
+from nlpbd.scratch import DefenseScratch
 
 TINY_TRIGGERS = ["cf", "mn", "bb", "tq", "mb"]
 
@@ -322,7 +321,7 @@ def test_por_recipe_cell_reports_aasr_and_masr(tmp_path, data_dir):
 
 def test_a_release_below_the_sanity_gate_is_reported_not_defended(tmp_path, data_dir):
     """attacks.md §4: the defense runs only when the undefended AASR clears the floor by the margin."""
-    from nlpbd.grid import record_state
+    from nlpbd.plan import record_state
 
     dataset = write_toy_dataset(tmp_path / "toy", train=120, dev=30, test=40)
     cache = ArtifactCache(tmp_path / "cache")

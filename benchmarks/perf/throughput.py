@@ -55,13 +55,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, PreTrainedModel,
-                          PreTrainedTokenizerBase, Trainer, TrainingArguments, get_linear_schedule_with_warmup)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    get_linear_schedule_with_warmup,
+)
 
 from nlpbd.cache import atomic_write_text
 from nlpbd.config import TrainConfig
@@ -69,8 +76,17 @@ from nlpbd.data import TextSplit, load_dataset
 from nlpbd.models import load_classifier, load_tokenizer, resolve_model
 from nlpbd.provenance import RECORD_HOST, package_versions, peak_rss_mb, provenance
 from nlpbd.seeding import seed_everything, torch_generator
-from nlpbd.training import (autocast, collate, encode, length_grouped_batches, make_adamw, optimizer_step,
-                            pad_id_of, train_classifier, use_bf16)
+from nlpbd.training import (
+    autocast,
+    collate,
+    encode,
+    length_grouped_batches,
+    make_adamw,
+    optimizer_step,
+    pad_id_of,
+    train_classifier,
+    use_bf16,
+)
 
 SCHEMA = "nlpbd.perf/2"
 TRAIN_STREAM = "train"  # train_classifier's default stream: its batch order draws from this generator

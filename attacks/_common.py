@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from nlpbd.config import option
 from nlpbd.data import Dataset, TextSplit
@@ -109,8 +110,10 @@ class InsertionAttack(DataPoisoningAttack):
             raise InputError(f"{self.name}: triggers must be non-empty strings")
         positions, info = choose_poison_positions(dataset.train.labels, config.poison_rate, target,
                                                   config.label_mode, seed)
-        insert: Callable[[str, str, int], str] = lambda text, split, row: insert_triggers(
-            text, triggers, self.num_insertions(), row_rng(seed, self.name, split, row))
+
+        def insert(text: str, split: str, row: int) -> str:
+            return insert_triggers(text, triggers, self.num_insertions(), row_rng(seed, self.name, split, row))
+
         train = dataset.train
         new_texts = [insert(train.texts[p], "train", train.ids[p]) for p in positions]
         labels = [target if config.label_mode != "clean" else train.labels[p] for p in positions]

@@ -21,15 +21,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nlpbd.attacks.common import non_target, row_rng
+from nlpbd.attacks._common import non_target, row_rng
 from nlpbd.config import TrainConfig, option
 from nlpbd.data import TextSplit, file_digest, read_split, stratified_sample
 from nlpbd.errors import InputError

@@ -17,6 +17,7 @@ class NoDefenseConfig:
 @register_defense
 class NoDefense(RepairDefense):
     name = "none"
+    unsupported_victims = {}
     description = "no defense: the victim as trained (baseline)"
     Config = NoDefenseConfig
 

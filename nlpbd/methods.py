@@ -282,6 +282,10 @@ class Detector:
 class Defense(_Method):
     stage: ClassVar[Stage]
     grants: ClassVar[frozenset[str]] = frozenset()
+    # Victim kinds (nlpbd.decoders: "decoder", "generate") the defense cannot run on, each with the one-line
+    # reason the CLI gives; a defense that runs on an instruction-tuned generator says so by leaving it out.
+    unsupported_victims: ClassVar[dict[str, str]] = {
+        "generate": "it is defined for classifier victims only (no label-word version)"}
 
 
 class RepairDefense(Defense):

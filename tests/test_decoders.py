@@ -26,7 +26,8 @@ FAST = {"train.epochs": "1", "train.batch_size": "16", "train.max_length": "32",
         "eval.max_new_tokens": "4"}
 FAST_DEFENSE = {"ft": {"epochs": "1"}, "finemix": {"epochs": "1"}, "epur": {"epochs": "1"},
                 "finemix-epur": {"epochs": "1"}, "d3": {"epochs": "1"}, "psim": {"min_steps": "0"},
-                "bki": {"top_words": "3"}}
+                "bki": {"top_words": "3"}, "onion": {"lm": "tiny-llama"}, "strip": {"repeat": "2"},
+                "rap": {"epochs": "1"}, "cube": {"n_neighbors": "15", "min_samples": "10"}}
 SST2_WORDS = ("negative", "positive")
 
 
@@ -162,7 +163,8 @@ def test_classifier_cell_ids_do_not_change(shared):
     assert "prompt" not in str(cell.identity) and "max_new_tokens" not in str(cell.identity)
 
 
-@pytest.mark.parametrize("defense", ["ft", "btu", "finemix", "epur", "finemix-epur", "d3", "psim", "bki"])
+@pytest.mark.parametrize("defense", ["ft", "btu", "finemix", "epur", "finemix-epur", "d3", "psim", "onion", "strip",
+                                     "rap", "bki", "cube"])
 def test_defenses_run_on_a_decoder_classifier(shared, defense):
     record = run(shared, defense)
     assert record["status"] == "ok" and record["metrics"]["cacc"] is not None

@@ -38,7 +38,7 @@ from nlpbd.methods import (ATTACKS, DEFENSES, Attack, CleanBudget, CorrectionDef
                            PretrainedDefense, RepairDefense, SupplyContext, ThreatModel, TrainingDefense)
 from nlpbd.checks import check_sizes
 from nlpbd.decoders import check_victim
-from nlpbd.generative import answer_metrics, is_instruction_lm, predict_generator
+from nlpbd.generative import answer_metrics, is_instruction_lm, predict_generator, prompt_for
 from nlpbd.models import (GENERATOR_PROMPT, ModelRef, check_pickled_weights, load_classifier, load_tokenizer,
                           resolve_model, save_model)
 from nlpbd.provenance import StageClock, provenance
@@ -237,8 +237,6 @@ def generator_prompt(cell: Cell) -> dict | None:
     """The prompt format of a generator victim (``--finetune sft``/``sft-lora``), None for a classifier."""
     if not cell.finetune.generative:
         return None
-    from nlpbd.generative import prompt_for
-
     return prompt_for(cell.dataset.name, cell.dataset.num_labels).to_json()
 
 

@@ -66,3 +66,35 @@ def check_victim(defense_cls: type, location: str, generative: bool) -> str:
             what = "an instruction-tuned generator" if each == GENERATOR else "a decoder"
             raise InputError(f"defense '{defense_cls.name}' does not run on {what} victim: {refused[each]}")
     return kind
+
+
+def pool_from_attention_mask(model) -> None:
+    """Make a decoder classifier pool its last real token when it is given embeddings, not ids.
+
+    transformers finds the pooled token of a decoder classifier from ``input_ids`` (the rightmost
+    non-pad id); given ``inputs_embeds`` — which prompt and P-tuning pass, with their virtual tokens in
+    front — it takes the last position, a padding position for every shorter row of a right-padded batch.
+    This hook on the decoder body moves each row's last attended state to the last position in that case
+    (for either padding side), so the head reads the same token as with ids. With ids it does nothing.
+    """
+    import torch
+
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if body is None or getattr(body, "_nlpbd_pools_from_mask", False):
+        return
+
+    def hook(module, args, kwargs, output):
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        states = getattr(output, "last_hidden_state", None)
+        if input_ids is not None or mask is None or states is None or mask.dim() != 2:
+            return output
+        width = mask.shape[1]
+        positions = torch.arange(width, device=mask.device)
+        last = (positions * (mask != 0)).argmax(dim=-1)
+        source = (positions.unsqueeze(0) - (width - 1 - last).unsqueeze(1)) % width
+        output.last_hidden_state = states.gather(1, source.unsqueeze(-1).expand_as(states))
+        return output
+
+    body.register_forward_hook(hook, with_kwargs=True)
+    body._nlpbd_pools_from_mask = True

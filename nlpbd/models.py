@@ -457,7 +457,8 @@ def load_classifier(ref: ModelRef | str, num_labels: int) -> PreTrainedModel:
     """A sequence classifier; a new head is initialised where the checkpoint has none.
 
     A decoder classifier pools its last non-padding token, so its config must name the pad id: one that
-    names none gets its end-of-sequence id (the tokenizer pads with it too). A reference marked with
+    names none gets its end-of-sequence id (the tokenizer pads with it too); given embeddings instead of
+    ids (prompt tuning, P-tuning) it pools the last attended position (:func:`nlpbd.decoders.pool_from_attention_mask`). A reference marked with
     :data:`GENERATOR_PROMPT` loads as a :class:`~nlpbd.generative.InstructionLM` instead.
     """
     from transformers import AutoModelForSequenceClassification
@@ -472,9 +473,13 @@ def load_classifier(ref: ModelRef | str, num_labels: int) -> PreTrainedModel:
             location, num_labels=num_labels, trust_remote_code=False, use_safetensors=None)
     except OSError as exc:
         raise InputError(f"cannot load model '{location}': {str(exc).splitlines()[0]}") from None
-    if model.config.pad_token_id is None and model.config.eos_token_id is not None:
-        eos = model.config.eos_token_id
-        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    from nlpbd.decoders import is_decoder_type, pool_from_attention_mask
+
+    if is_decoder_type(model.config.model_type):
+        if model.config.pad_token_id is None and model.config.eos_token_id is not None:
+            eos = model.config.eos_token_id
+            model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        pool_from_attention_mask(model)  # prompt-type PEFT feeds embeddings, not ids
     return model
 
 

@@ -211,3 +211,20 @@ def test_refused_combination_is_one_line_on_the_cli(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output
     assert "does not run on an instruction-tuned generator victim" in lines[0]
+
+
+def test_decoder_classifier_pools_the_last_real_token_from_embeddings(llama_dir):
+    """Prompt tuning and P-tuning feed embeddings: the head must still read each row's last real token."""
+    from nlpbd.models import load_classifier
+
+    torch.manual_seed(0)
+    model = load_classifier(str(llama_dir), 2).eval()
+    tokenizer = load_tokenizer_at(str(llama_dir))
+    batch = collate(encode(tokenizer, ["good movie", "the plot is very dull and the acting bad"], 32), [0, 1],
+                    tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        from_ids = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        from_embeds = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # row 0 is padded
+    assert torch.allclose(from_ids, from_embeds, atol=1e-5)

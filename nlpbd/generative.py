@@ -259,16 +259,22 @@ class InstructionLM(nn.Module):
                        labels=_pad([lm for _, lm in pairs], -100, device)).loss
 
     def answer_scores(self, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
-        """(n, K): the summed log-probability of each class's whole answer after each prompt."""
+        """(n, K): the summed log-probability of each class's whole answer after each prompt.
+
+        Rows are left-padded (positions counted from each row's first real token), so every answer ends
+        the batch and only its positions' logits are computed: a vocabulary-wide logit tensor over
+        whole prompts would take gigabytes at inference batch sizes.
+        """
         scores = []
         for answer in self.ids.answers:
-            pairs = [sft_example(p, answer) for p in prompts]
-            rows = [ids for ids, _ in pairs]
-            ids = _pad(rows, self.ids.pad_id, device)
-            targets = _pad([lm for _, lm in pairs], -100, device)[:, 1:]
-            logits = self.lm(input_ids=ids, attention_mask=_mask(rows, device)).logits[:, :-1].float()
-            logp = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores.append((logp * (targets != -100)).sum(dim=1))
+            rows = [[*p, *answer] for p in prompts]
+            ids, mask = _pad(rows, self.ids.pad_id, device, left=True), _mask(rows, device, left=True)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             logits_to_keep=len(answer) + 1).logits[:, :-1].float()
+            targets = ids[:, -len(answer):]
+            logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            scores.append(logp.sum(dim=1))
         return torch.stack(scores, dim=1)
 
     @torch.no_grad()

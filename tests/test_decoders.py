@@ -228,3 +228,17 @@ def test_decoder_classifier_pools_the_last_real_token_from_embeddings(llama_dir)
         from_embeds = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
     assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # row 0 is padded
     assert torch.allclose(from_ids, from_embeds, atol=1e-5)
+
+
+def test_answer_scores_are_the_answers_log_likelihoods(generator, llama_dir):
+    tokenizer = load_tokenizer_at(str(llama_dir))
+    batch = collate(encode(tokenizer, toy_texts(3), 32), [0, 1, 2], tokenizer.pad_token_id, torch.device("cpu"))
+    prompts = generator.prompts(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        scores = generator.answer_scores(prompts, torch.device("cpu"))
+        for row, prompt in enumerate(prompts):  # one unpadded row at a time, by hand
+            for k, answer in enumerate(generator.ids.answers):
+                logits = generator.lm(input_ids=torch.tensor([[*prompt, *answer]])).logits[0]
+                logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+                expected = logp.gather(-1, torch.tensor(answer).unsqueeze(-1)).sum()
+                assert scores[row, k].item() == pytest.approx(expected.item(), abs=1e-4)

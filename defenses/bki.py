@@ -8,7 +8,8 @@ Training-data filtering. The victim trained on the (poisoned) training set reads
 with each word removed in turn; a word whose removal moves the text's representation a lot matters
 to the model, and a backdoor keyword matters in every poisoned row:
 
-    h(x) = last-layer hidden state of the first token ([CLS]) of the victim's encoder
+    h(x) = last-layer hidden state of the first token ([CLS]) of the victim's encoder (on a decoder
+           classifier the last real token's, the one its head reads: nlpbd.representations)
     δ_i(x) = ‖h(x without w_i) − h(x)‖_∞
     each text contributes its top ``top_words`` (5) words by δ;
     word w: n_w = number of texts with w in their top 5, v_w = mean δ of those entries
@@ -112,7 +113,8 @@ def select_keywords(scores: dict[str, float], k: int) -> list[str]:
 @register_defense
 class BKI(FilterDefense):
     name = "bki"
-    description = "remove training rows holding the words whose removal moves the victim's [CLS] state most, retrain"
+    description = ("remove training rows holding the words whose removal moves the victim's [CLS] (decoder: "
+                   "last-token) state most, retrain")
     Config = BKIConfig
     grants = frozenset({"train_set"})  # the training texts (labels unused); never which rows are poisoned
 

@@ -390,6 +390,7 @@ class BTU(TrainingDefense):
     Config = BTUConfig
     # "budget" is read only by the clean_subset variant.
     grants = frozenset({"pretrained", "train_set", "victim_factory", "budget"})
+    unsupported_victims = {}  # embedding rows of any tokenizer; R3 trains E with the victim's own loss
 
     def train(self, ctx: DefenseContext) -> DefenseOutcome:
         config = self.config

@@ -44,7 +44,14 @@ Deviations from the reference code and the spec, all deliberate:
   that feed a tanh between the encoder and the selected weights (``HeadLayout.sign_symmetric``),
   except selected weights themselves, whose biases are frozen instead: with ``select=head`` on
   BERT/MiniLM the pooler's weight and bias stay as handed over. Everything else still trains, as
-  in the reference. ``freeze=none`` restores the old behaviour (the control that reproduces the
+  in the reference. Decoder classifiers (Llama/SmolLM2, Qwen2, Mistral, GPT-2) have no pooler: the
+  ``score`` Linear (no bias) reads the final norm at the last non-padding token. That norm is not a
+  tanh, but it is just as sign-symmetric: RMSNorm is ``g ⊙ x/rms(x)``, so negating the gain ``g``
+  negates its output and ``(−W)·(−g ⊙ x̂) = W·(g ⊙ x̂)``; GPT-2's LayerNorm does the same with gain and
+  bias negated together. ``freeze=sign_symmetric`` therefore freezes that final norm on decoders
+  (``model.norm`` / ``transformer.ln_f``); a flip deeper down would have to negate the whole residual
+  stream and every layer reading it, which no single tensor can do. ``freeze=none`` restores the old
+  behaviour (the control that reproduces the
   escape). The record reports, per selected layer, the cosine between W and W^0 and the distance
   as a fraction of its 2‖W^0‖ maximum, and names the layers that ended antipodal (cosine ≤ −0.99).
 - ``distance=false`` drops the distance term and keeps everything else (warm-up, hinge, optimiser,
@@ -89,7 +96,8 @@ WarmupMethod = Literal["random", "far", "middle", "noise", "near"]
 @dataclass
 class D3Config:
     select: SelectMode = option("head", "layers pushed away from θ_bd: the classification head, head + "
-                                "BERT pooler, or every nn.Linear of encoder, pooler and head")
+                                "BERT pooler, or every nn.Linear of encoder, pooler and head (a decoder "
+                                "classifier's head is its score layer; it has no pooler)")
     warmup: WarmupMethod = option("random", "re-initialisation of the selected weights: random (uniform, "
                                   "rescaled to ‖W^0‖), far (−W^0), middle (0), noise (W^0 + N·std), "
                                   "near (unchanged)")
@@ -109,8 +117,9 @@ class D3Config:
     distance: bool = option(True, "include the distance term; false with warmup=near is the D3-matched "
                             "FT control")
     freeze: Literal["sign_symmetric", "none"] = option(
-        "sign_symmetric", "sign_symmetric: freeze the tanh pooler between encoder and selected weights, so the "
-        "head cannot meet the distance by a sign flip (deviation, spec §5.3); none: the old behaviour")
+        "sign_symmetric", "sign_symmetric: freeze the tanh pooler between encoder and selected weights (on a "
+        "decoder classifier the final RMSNorm/LayerNorm gain the score layer reads), so the head cannot meet the "
+        "distance by a sign flip (deviation, spec §5.3); none: the old behaviour")
 
 
 # --- which layers ---------------------------------------------------------------------------------
@@ -123,8 +132,9 @@ class HeadLayout:
     head: tuple[str, ...]
     pooler: tuple[str, ...]  # empty where the head already contains the pooler (or there is none)
     encoder: str
-    # Linear modules whose output goes through a tanh (odd) on the way to the logits: a sign flip of
-    # such a module can undo a sign flip of the weights above it at no cost (spec §5.3).
+    # Modules whose output goes through a tanh (odd) on the way to the logits, or is itself odd in its
+    # parameters (a decoder's final norm): a sign flip of such a module can undo a sign flip of the weights
+    # above it at no cost (spec §5.3).
     sign_symmetric: tuple[str, ...] = ()
 
 
@@ -135,6 +145,13 @@ LAYOUTS: dict[str, HeadLayout] = {
                           ("classifier.dense",)),
     "distilbert": HeadLayout(("pre_classifier", "classifier"), (), "distilbert.transformer"),  # ReLU
     "deberta-v2": HeadLayout(("pooler.dense", "classifier"), (), "deberta.encoder"),  # GELU pooler
+    # Decoder classifiers: the ``score`` Linear reads the final norm's output at the last token. RMSNorm,
+    # g ⊙ x/rms(x), is odd in its gain g (and LayerNorm in its gain and bias together), so flipping that
+    # one vector undoes a flipped head exactly as the tanh pooler does: it is frozen like the pooler.
+    "llama": HeadLayout(("score",), (), "model.layers", ("model.norm",)),
+    "qwen2": HeadLayout(("score",), (), "model.layers", ("model.norm",)),
+    "mistral": HeadLayout(("score",), (), "model.layers", ("model.norm",)),
+    "gpt2": HeadLayout(("score",), (), "transformer.h", ("transformer.ln_f",)),
 }
 
 
@@ -185,7 +202,7 @@ def sign_symmetric_parameters(model: nn.Module, selected: list[tuple[str, nn.Lin
     selected_ids = {id(m) for _, m in selected}
     found = {}
     for path in LAYOUTS[model_type].sign_symmetric:
-        module = _linear_at(model, path, model_type)
+        module = _module_at(model, path, model_type)
         for name, parameter in module.named_parameters():
             if parameter.requires_grad and not (name == "weight" and id(module) in selected_ids):
                 found[f"{path}.{name}"] = parameter
@@ -372,7 +389,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def sign_symmetric_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the tanh-feeding weights of the layout, to tell afterwards whether they flipped."""
     model_type = model.config.model_type
-    return {path: _linear_at(model, path, model_type).weight.detach().clone()
+    return {path: _module_at(model, path, model_type).weight.detach().clone()
             for path in LAYOUTS[model_type].sign_symmetric}
 
 
@@ -453,6 +470,10 @@ class D3(RepairDefense):
     description = "distance-driven detoxification: push head weights far from θ_bd under a clean-loss hinge"
     Config = D3Config
     grants = frozenset({"budget"})
+    unsupported_victims = {
+        "generate": "D3 pushes a classification head away from θ_bd under a hinge on the class cross-entropy; a "
+                    "generator has no class head (its output layer is the vocabulary projection, tied to the "
+                    "embeddings in SmolLM2), so there is no layer for the distance to act on"}
 
     def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
         return DefenseOutcome(model, detoxify(model, ctx, self.config))

@@ -162,6 +162,7 @@ class EPUR(RepairDefense):
     description = "E-PUR: reset the N embedding rows with the most drift for their D_c frequency, then fine-tune"
     Config = EPURConfig
     grants = frozenset({"budget", "pretrained"})
+    unsupported_victims = {}  # embedding rows of any tokenizer, θ_pre the clean pretrained model
 
     def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
         pretrained, _ = load_pretrained(ctx.pretrained, ctx.num_labels, ctx.seed)
@@ -179,6 +180,7 @@ class FineMixEPUR(RepairDefense):
     description = "Fine-mixing with E-PUR: mix θ_bd with θ_pre, reset E-PUR's rows to θ_pre, then fine-tune"
     Config = FineMixEPURConfig
     grants = frozenset({"budget", "pretrained"})
+    unsupported_victims = {}  # embedding rows of any tokenizer, θ_pre the clean pretrained model
 
     def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
         pretrained, heads = load_pretrained(ctx.pretrained, ctx.num_labels, ctx.seed)

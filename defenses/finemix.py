@@ -306,6 +306,7 @@ class FineMix(RepairDefense):
     description = "Fine-mixing: keep a random rho of θ_bd's weights (rest from θ_pre), then fine-tune on D_c"
     Config = FineMixConfig
     grants = frozenset({"budget", "pretrained"})
+    unsupported_victims = {}  # θ_pre is the clean pretrained decoder for decoder victims of either kind
 
     def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
         pretrained, heads = load_pretrained(ctx.pretrained, ctx.num_labels, ctx.seed)

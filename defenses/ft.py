@@ -53,6 +53,7 @@ class FT(RepairDefense):
     description = "fine-tune the victim on the clean budget D_c (10 epochs, lr 2e-5)"
     Config = FTConfig
     grants = frozenset({"budget"})
+    unsupported_victims = {}  # fine-tunes any victim with its own loss (label-word SFT for a generator)
 
     def repair(self, model: PreTrainedModel, ctx: DefenseContext) -> DefenseOutcome:
         result = finetune_on_budget(model, ctx, self.config)

@@ -16,5 +16,6 @@ class NoDefenseConfig:
 @register_defense
 class NoDefense(BaselineDefense):
     name = BASELINE
+    unsupported_victims = {}
     description = "no defense: the victim as trained (baseline)"
     Config = NoDefenseConfig

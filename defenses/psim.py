@@ -326,6 +326,10 @@ class PSIM(InferenceDefense):
     # suspect: the released checkpoint; train_set: the user's texts (labels discarded); budget: D_c^val,
     # read only when calibrate=true.
     grants = frozenset({"suspect", "train_set", "budget"})
+    unsupported_victims = {
+        "generate": "PSIM's detector is a P-tuned sequence classifier trained on randomly relabelled rows, whose "
+                    "class confidence flags poisoned inputs; an instruction-tuned generator has no class "
+                    "probabilities to read and no label-word version of PSIM is defined"}
 
     def fit(self, model: PreTrainedModel, ctx: DefenseContext) -> Detector:
         config = self.config

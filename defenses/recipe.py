@@ -251,6 +251,10 @@ class RECIPE(PretrainedDefense):
     description = "regularised continual pre-training of the suspect PTM on plain text (Σ‖W_int‖_F + MLM)"
     Config = RecipeConfig
     grants = frozenset({"corpus"})
+    unsupported_victims = {
+        "decoder": "RECIPE's regulariser targets an encoder's FFN up-projections under a masked-LM objective; a "
+                   "decoder version (causal-LM continual pre-training with the penalty on the MLP up/gate "
+                   "projections) is not implemented yet"}
 
     def purify(self, model: ModelRef, ctx: DefenseContext, out_dir: Path) -> dict:
         config, began = self.config, time.perf_counter()

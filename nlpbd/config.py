@@ -273,6 +273,8 @@ class EvalConfig:
     stealth: bool = option(False, "data-poisoning attacks: measure the triggered test rows against their clean "
                            "originals (delta_ppl under stealth_lm, sim of MiniLM sentence embeddings; cached)")
     stealth_lm: str = option("smollm2", "causal LM of the delta_ppl measure (registered name, directory or hub id)")
+    max_new_tokens: int = option(8, "generator victims (--finetune sft/sft-lora): greedy answer length in tokens; "
+                                 "the answer is scored by the label word it names", low=1, high=512)
 
 
 @dataclass

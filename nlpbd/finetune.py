@@ -5,6 +5,11 @@ query/value; prompt tuning and P-tuning with 5 virtual tokens (P-tuning encoder 
 tuning with 5 virtual tokens. With ``task_type="SEQ_CLS"`` the classification head is trainable
 through ``modules_to_save``; the backbone (pooler included) stays frozen. PEFT victims use the
 reference's lr 2e-3 and 20 epochs (best clean-dev epoch), far more than full fine-tuning needs.
+
+``sft`` and ``sft-lora`` make a decoder an instruction-tuned generator instead of a classifier
+(:mod:`nlpbd.generative`): supervised fine-tuning on the label-word answer of a chat-template prompt, every
+parameter (``sft``, the model's own lr and epochs) or LoRA on the attention query/value projections of the
+causal LM (``sft-lora``, the PEFT lr and epochs).
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ class FinetuneMethod:
     peft_config: Callable[[], PeftConfig] | None = None  # None: full fine-tuning
     defaults: TrainDefaults | None = None  # None: the model's own defaults
     mergeable: bool = False  # weights can be folded back into a plain model (LoRA)
+    head: str = "classifier"  # "generate": an instruction-tuned generator answering with label words
+
+    @property
+    def generative(self) -> bool:
+        return self.head == "generate"
 
     @property
     def is_peft(self) -> bool:
@@ -41,11 +51,11 @@ class FinetuneMethod:
 FINETUNE: Registry[FinetuneMethod] = Registry("fine-tuning method")
 
 
-def _peft(config_class: str, **settings: Any) -> Callable[[], PeftConfig]:
+def _peft(config_class: str, task_type: str = "SEQ_CLS", **settings: Any) -> Callable[[], PeftConfig]:
     def build() -> PeftConfig:
         import peft
 
-        return getattr(peft, config_class)(task_type="SEQ_CLS", **settings)
+        return getattr(peft, config_class)(task_type=task_type, **settings)
 
     return build
 
@@ -60,6 +70,12 @@ for _method in [
                    _peft("PromptEncoderConfig", num_virtual_tokens=5, encoder_hidden_size=128), PEFT_DEFAULTS),
     FinetuneMethod("prefix", "prefix tuning: 5 virtual key/value tokens per layer; head trainable",
                    _peft("PrefixTuningConfig", num_virtual_tokens=5, encoder_hidden_size=128), PEFT_DEFAULTS),
+    FinetuneMethod("sft", "decoders: instruction-tuned generator, every parameter trained on the label-word "
+                   "answers of chat-template prompts (loss on answer tokens only)", head="generate"),
+    FinetuneMethod("sft-lora", "decoders: instruction-tuned generator with LoRA r=8, alpha=16, dropout 0.1 on "
+                   "the causal LM's query/value projections",
+                   _peft("LoraConfig", "CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.1), PEFT_DEFAULTS,
+                   mergeable=True, head="generate"),
 ]:
     FINETUNE.add(_method.name, _method)
 
@@ -70,11 +86,23 @@ def wrap(model: PreTrainedModel, method: FinetuneMethod) -> PreTrainedModel:
         return model
     from peft import get_peft_model
 
+    if getattr(model, "is_instruction_lm", False):  # the adapter goes on the causal LM inside
+        model.lm = get_peft_model(model.lm, method.peft_config())
+        return model
     return get_peft_model(model, method.peft_config())
 
 
-def load_trained(directory: Path, base_location: str, num_labels: int, method: FinetuneMethod) -> PreTrainedModel:
-    """A trained victim: a full checkpoint, or the base model plus its saved adapter."""
+def load_trained(directory: Path, base_location: str, num_labels: int, method: FinetuneMethod,
+                 prompt: dict | None = None) -> PreTrainedModel:
+    """A trained victim: a full checkpoint, or the base model plus its saved adapter (a generator victim
+    with its prompt format's JSON)."""
+    if method.generative:
+        from nlpbd.generative import PromptFormat, load_generator
+
+        if prompt is None:
+            raise InputError("a generator victim cannot be loaded without its prompt format")
+        return load_generator(str(directory), PromptFormat.from_json(prompt),
+                              base_location if method.is_peft else None)
     if not method.is_peft:
         return load_classifier(str(directory), num_labels)
     from peft import PeftModel
@@ -90,6 +118,9 @@ def plain_model(model: PreTrainedModel, defense: str) -> tuple[PreTrainedModel, 
     """
     from peft import PeftModel
 
+    if getattr(model, "is_instruction_lm", False):
+        model.lm, info = plain_model(model.lm, defense)
+        return model, info
     if not isinstance(model, PeftModel):
         return model, {}
     peft_type = str(model.peft_config["default"].peft_type.value).lower()

@@ -274,6 +274,10 @@ class Defense(_Method):
     # Whether the defense changes the victim's weights (it cannot then run on a victim whose trained
     # parameters live outside the weights, e.g. prompt-tuning's virtual tokens).
     edits_weights: ClassVar[bool] = False
+    # Victim kinds (nlpbd.decoders: "decoder", "generate") the defense cannot run on, each with the one-line
+    # reason the CLI gives; a defense that runs on an instruction-tuned generator says so by leaving it out.
+    unsupported_victims: ClassVar[dict[str, str]] = {
+        "generate": "it is defined for classifier victims only (no label-word version)"}
 
 
 class BaselineDefense(Defense):

@@ -429,30 +429,66 @@ def check_hub_model(model_id: str) -> None:
 
 
 def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
+    return load_tokenizer_at(ref.location, ref.name)
+
+
+def load_tokenizer_at(location: str, name: str | None = None) -> PreTrainedTokenizerBase:
+    """A model's tokenizer; one without a pad token (GPT-2, Llama) pads with its end-of-sequence token."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(ref.location, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except OSError as exc:
-        raise InputError(f"cannot load the tokenizer of '{ref.name}': {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot load the tokenizer of '{name or location}': {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ``ModelRef.info`` key that marks a reference to be loaded as an instruction-tuned generator (its value is
+# the prompt format's JSON): set by the pipeline for ``--finetune sft``/``sft-lora`` cells, so that defenses
+# loading θ_pre through :func:`load_classifier` get the same kind of model as the victim.
+GENERATOR_PROMPT = "generator_prompt"
 
 
 def load_classifier(ref: ModelRef | str, num_labels: int) -> PreTrainedModel:
-    """A sequence classifier; a new head is initialised where the checkpoint has none."""
+    """A sequence classifier; a new head is initialised where the checkpoint has none.
+
+    A decoder classifier pools its last non-padding token, so its config must name the pad id: one that
+    names none gets its end-of-sequence id (the tokenizer pads with it too); given embeddings instead of
+    ids (prompt tuning, P-tuning) it pools the last attended position
+    (:func:`nlpbd.decoders.pool_from_attention_mask`). A reference marked with :data:`GENERATOR_PROMPT`
+    loads as a :class:`~nlpbd.generative.InstructionLM` instead.
+    """
     from transformers import AutoModelForSequenceClassification
 
+    if isinstance(ref, ModelRef) and GENERATOR_PROMPT in ref.info:
+        from nlpbd.generative import PromptFormat, load_generator
+
+        return load_generator(ref.location, PromptFormat.from_json(ref.info[GENERATOR_PROMPT]))
     location = ref.location if isinstance(ref, ModelRef) else ref
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             location, num_labels=num_labels, trust_remote_code=False, use_safetensors=None)
     except OSError as exc:
         raise InputError(f"cannot load model '{location}': {str(exc).splitlines()[0]}") from None
+    from nlpbd.decoders import is_decoder_type, pool_from_attention_mask
+
+    if is_decoder_type(model.config.model_type):
+        if model.config.pad_token_id is None and model.config.eos_token_id is not None:
+            eos = model.config.eos_token_id
+            model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        pool_from_attention_mask(model)  # prompt-type PEFT feeds embeddings, not ids
+    return model
 
 
 def head_parameter_names(ref: ModelRef, num_labels: int) -> set[str]:
-    """Parameters with no pretrained value (the new head), from the loader's missing keys."""
+    """Parameters with no pretrained value (the new head), from the loader's missing keys (none for a
+    generator: its answers come out of the pretrained vocabulary projection)."""
     from transformers import AutoModelForSequenceClassification
 
+    if GENERATOR_PROMPT in ref.info:
+        return set()
     _, info = AutoModelForSequenceClassification.from_pretrained(
         ref.location, num_labels=num_labels, output_loading_info=True, trust_remote_code=False)
     return set(info["missing_keys"])

@@ -48,6 +48,7 @@ from nlpbd.data import (
     stratified_counts,
     stratified_sample,
 )
+from nlpbd.decoders import check_victim
 from nlpbd.errors import InputError, NlpbdError, RunError
 from nlpbd.evaluation import (
     Predictions,
@@ -59,6 +60,7 @@ from nlpbd.evaluation import (
     predict_cell,
 )
 from nlpbd.finetune import FINETUNE, FinetuneMethod, load_trained, plain_model, trainable_parameter_count, wrap
+from nlpbd.generative import answer_metrics, is_instruction_lm, predict_generator, prompt_for
 from nlpbd.methods import (
     ATTACKS,
     DEFENSES,
@@ -79,7 +81,15 @@ from nlpbd.methods import (
     ThreatModel,
     TrainingDefense,
 )
-from nlpbd.models import ModelRef, check_pickled_weights, load_classifier, load_tokenizer, resolve_model, save_model
+from nlpbd.models import (
+    GENERATOR_PROMPT,
+    ModelRef,
+    check_pickled_weights,
+    load_classifier,
+    load_tokenizer,
+    resolve_model,
+    save_model,
+)
 from nlpbd.provenance import StageClock, provenance
 from nlpbd.results import SCHEMA, write_record
 from nlpbd.scratch import DefenseScratch
@@ -144,6 +154,7 @@ def prepare_cell(spec: CellSpec, env: RunEnv, load: DatasetLoader = load_dataset
     defense = defense_cls(apply_overrides(defense_cls.Config(), grouped["defense"], "defense"))
     data_config = apply_overrides(DataConfig(), grouped["data"], "data")
     model = resolve_model(spec.model)
+    check_victim(defense_cls, model.location, finetune.generative)
     train = resolve_train_config(apply_overrides(TrainConfig(), grouped["train"], "train"),
                                  finetune.defaults or model.defaults)
     check_fields(train, "train")
@@ -260,9 +271,26 @@ def draw_budget(clean_train: TextSplit, dev: TextSplit, poisoned_positions: tupl
 
 def victim_payload(cell: Cell, start_identity: str, data_key: str) -> dict:
     """What a victim depends on: its training data's key, the identity of what it starts from, the recipe."""
-    return {"data": data_key, "model": start_identity, "finetune": cell.spec.finetune,
-            "train": to_dict(cell.train), "seed": cell.spec.seed, "trainer": VICTIM_TRAINER_VERSION,
-            "num_labels": cell.dataset.num_labels}
+    payload = {"data": data_key, "model": start_identity, "finetune": cell.spec.finetune,
+               "train": to_dict(cell.train), "seed": cell.spec.seed, "trainer": VICTIM_TRAINER_VERSION,
+               "num_labels": cell.dataset.num_labels}
+    if cell.finetune.generative:  # only then: classifier victims keep their keys
+        payload["prompt"] = generator_prompt(cell)
+    return payload
+
+
+def generator_prompt(cell: Cell) -> dict | None:
+    """The prompt format of a generator victim (``--finetune sft``/``sft-lora``), None for a classifier."""
+    if not cell.finetune.generative:
+        return None
+    return prompt_for(cell.dataset.name, cell.dataset.num_labels).to_json()
+
+
+def as_victim_start(cell: Cell, ref: ModelRef) -> ModelRef:
+    """``ref`` marked to load as the cell's kind of victim (a generator keeps its prompt format in the mark)."""
+    if not cell.finetune.generative:
+        return ref
+    return replace(ref, info={**ref.info, GENERATOR_PROMPT: generator_prompt(cell)})
 
 
 def train_victim(cell: Cell, cache: ArtifactCache, start: ModelRef, train: TextSplit, data_key: str,
@@ -272,20 +300,21 @@ def train_victim(cell: Cell, cache: ArtifactCache, start: ModelRef, train: TextS
     def build(tmp: Path) -> dict:
         began = time.perf_counter()
         seed_everything(cell.spec.seed, "init")  # the new head's (and adapter's) initialisation
-        model = wrap(load_classifier(start, cell.dataset.num_labels), cell.finetune)
+        model = wrap(load_classifier(as_victim_start(cell, start), cell.dataset.num_labels), cell.finetune)
         tokenizer = load_tokenizer(start)
         result = train_classifier(model, tokenizer, train, cell.dataset.dev, cell.train, cell.spec.seed,
                                   device=device, setup=TrainSetup(description=description))
         save_model(model.cpu(), tokenizer, tmp)  # a PEFT victim saves its adapter only
         return {"seconds": time.perf_counter() - began, "train": result.as_dict(), "base": start.location,
-                "finetune": cell.finetune.name, "trainable_parameters": trainable_parameter_count(model)}
+                "finetune": cell.finetune.name, "trainable_parameters": trainable_parameter_count(model),
+                **({"prompt": generator_prompt(cell)} if cell.finetune.generative else {})}
 
     return cache.get_or_build("victim", victim_payload(cell, start.identity, data_key), build)
 
 
 def load_victim(artifact: Artifact, num_labels: int) -> PreTrainedModel:
     method = FINETUNE.get(artifact.meta.get("finetune", "full"))
-    return load_trained(artifact.path, artifact.meta.get("base", ""), num_labels, method)
+    return load_trained(artifact.path, artifact.meta.get("base", ""), num_labels, method, artifact.meta.get("prompt"))
 
 
 # --- the cell -------------------------------------------------------------------------------------
@@ -390,12 +419,19 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
 
 def _predict(cell: Cell, env: RunEnv, model: PreTrainedModel, tokenizer, state: CellState) -> Predictions:
     with state.clock.stage("evaluate", accumulate=True):
+        if is_instruction_lm(model):  # greedy answers scored by the label word they name
+            return predict_generator(model, tokenizer, cell.dataset.test, state.poisoned.asr_set,
+                                     cell.train.max_length, cell.train.eval_batch_size, cell.eval.max_new_tokens,
+                                     env.device, state.poisoned.trigger_sets)
         return predict_cell(model, tokenizer, cell.dataset.test, state.poisoned.asr_set, cell.train.max_length,
                             cell.train.eval_batch_size, env.device, state.poisoned.trigger_sets)
 
 
 def _score(cell: Cell, state: CellState, preds: Predictions) -> dict:
-    return cell_metrics(preds, cell.dataset.test, state.poisoned.asr_set, cell.dataset.num_labels)
+    metrics = cell_metrics(preds, cell.dataset.test, state.poisoned.asr_set, cell.dataset.num_labels)
+    if cell.finetune.generative:
+        metrics.update(answer_metrics(preds.clean, cell.dataset.test.labels, preds.poisoned, state.poisoned.target))
+    return metrics
 
 
 def _artifact_predictions(cell: Cell, env: RunEnv, state: CellState, artifact: Artifact, tokenizer) -> Predictions:
@@ -404,6 +440,8 @@ def _artifact_predictions(cell: Cell, env: RunEnv, state: CellState, artifact: A
     payload = {"model": artifact.meta["key"], "test": cell.dataset.test.digest(),
                "asr_set": state.poisoned.asr_set.digest(), "max_length": cell.train.max_length,
                "trigger_sets": {t: s.digest() for t, s in state.poisoned.trigger_sets.items()}}
+    if cell.finetune.generative:
+        payload["max_new_tokens"] = cell.eval.max_new_tokens
 
     def build(tmp: Path) -> dict:
         preds = _predict(cell, env, load_victim(artifact, cell.dataset.num_labels), tokenizer, state)
@@ -420,7 +458,7 @@ def _context(cell: Cell, env: RunEnv, state: CellState, scratch: DefenseScratch)
     granted = frozenset(cell.defense.grants)
     objects: dict[str, Any] = {"budget": state.budget, "train_set": state.poisoned.train}
     if "pretrained" in granted:
-        objects["pretrained"] = scratch.model_ref(cell.model, "pretrained")
+        objects["pretrained"] = as_victim_start(cell, scratch.model_ref(cell.model, "pretrained"))
     if "suspect" in granted:
         objects["suspect"] = scratch.model_ref(state.start, "suspect") if state.suspect is not None else None
     if "corpus" in granted:
@@ -442,16 +480,17 @@ class VictimView:
     location: str
     base: str
     finetune: str
+    prompt: dict | None = None  # a generator victim's prompt format
 
 
 def _victim_view(artifact: Artifact, scratch: DefenseScratch) -> VictimView:
     base = artifact.meta.get("base", "")
     return VictimView(scratch.view(str(artifact.path)), scratch.view(base) if base else base,
-                      artifact.meta.get("finetune", "full"))
+                      artifact.meta.get("finetune", "full"), artifact.meta.get("prompt"))
 
 
 def _load_view(view: VictimView, num_labels: int) -> PreTrainedModel:
-    return load_trained(Path(view.location), view.base, num_labels, FINETUNE.get(view.finetune))
+    return load_trained(Path(view.location), view.base, num_labels, FINETUNE.get(view.finetune), view.prompt)
 
 
 def _corpus(env: RunEnv) -> TextSplit:

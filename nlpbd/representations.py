@@ -8,14 +8,21 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from nlpbd.decoders import is_decoder_type
 from nlpbd.errors import InputError
 from nlpbd.training import autocast, collate, encode, pad_id_of, sorted_batches
 
 
 def first_token_state(model: PreTrainedModel, batch: dict, pooled: bool) -> torch.Tensor:
-    """The last layer's first-token ([CLS]) hidden state, or its pooler output where the encoder has a pooler."""
+    """The last layer's first-token ([CLS]) hidden state, or its pooler output where the encoder has a pooler.
+
+    A decoder's first token has seen nothing after it: its sentence state is the last non-padding token's,
+    the one its classification head reads (batches are right-padded)."""
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
     state = outputs.hidden_states[-1]
+    if is_decoder_type(getattr(model.config, "model_type", None)):
+        last = batch["attention_mask"].sum(dim=1) - 1
+        return state[torch.arange(state.shape[0], device=state.device), last]
     pooler = getattr(model.base_model, "pooler", None) if pooled else None
     return pooler(state) if pooler is not None else state[:, 0]
 

@@ -132,7 +132,10 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def no_decay(name: str) -> bool:
-    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+    """Biases and normalisation gains: BERT's ``LayerNorm``, Llama's ``input_layernorm`` / ``norm``
+    (RMSNorm), GPT-2's ``ln_f``."""
+    lowered = name.lower()
+    return name.endswith("bias") or "norm" in lowered or ".ln_" in name or name.startswith("ln_")
 
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -311,7 +311,9 @@ def test_other_architectures_and_unknown_ones():
     deberta = DebertaV2ForSequenceClassification(DebertaV2Config(**small))
     assert [n for n, _ in resolve_selected_linears(deberta, "head+pooler")] == ["pooler.dense", "classifier"]
     gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=64))
-    with pytest.raises(InputError, match="model type 'gpt2'"):
+    assert [n for n, _ in resolve_selected_linears(gpt2, "head")] == ["score"]
+    gpt2.config.model_type = "mystery"
+    with pytest.raises(InputError, match="model type 'mystery'"):
         resolve_selected_linears(gpt2, "head")
 
 

@@ -229,11 +229,12 @@ def train_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     result = TrainResult(epochs=config.epochs, steps=0, selected_epoch=config.epochs,
                          precision="bf16" if use_bf16(device, config.precision) else "fp32", compiled=config.compile)
     best: tuple[float, dict] | None = None
+    step_model = compiled(model, config.compile)  # once: a new wrapper per epoch would re-trace
     start = time.perf_counter()
     with reporter().task(setup.description, total) as advance:
         for epoch in range(1, config.epochs + 1):
-            _train_epoch(model, encoded, config, generator, optimizer, scheduler, setup, pad_id_of(tokenizer),
-                         device, result, advance)
+            _train_epoch(model, step_model, encoded, config, generator, optimizer, scheduler, setup,
+                         pad_id_of(tokenizer), device, result, advance)
             if dev_encoded is not None:
                 accuracy = accuracy_of(model, dev_encoded, pad_id_of(tokenizer), config.eval_batch_size, device)
                 result.dev_accuracy.append(accuracy)
@@ -251,11 +252,10 @@ def _state_copy(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _train_epoch(model, encoded: Encoded, config: TrainConfig, generator, optimizer, scheduler,
+def _train_epoch(model, step_model, encoded: Encoded, config: TrainConfig, generator, optimizer, scheduler,
                  setup: TrainSetup, pad_id: int, device, result: TrainResult, advance) -> None:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step_model = compiled(model, config.compile)
     for indices in length_grouped_batches(encoded.lengths, config.batch_size, generator):
         batch = collate(encoded, indices, pad_id, device)
         with autocast(device, config.precision):

@@ -7,8 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import toy_texts, write_toy_dataset
+from helpers import tiny_train_config, toy_texts, write_toy_dataset
 
+from nlpbd import training
 from nlpbd.cache import ArtifactCache
 from nlpbd.errors import InputError
 from nlpbd.pipeline import CellSpec, RunEnv, prepare_cell, run_cell
@@ -96,6 +97,14 @@ def test_a_compiled_training_step_trains_the_same_model_object(toy_dataset, env)
     eager = run_cell(cell(toy_dataset), env)
     # compiled kernels may reorder floating-point sums; the same data and seed land close
     assert abs(record["metrics"]["cacc"] - eager["metrics"]["cacc"]) <= 0.1
+
+
+def test_a_compiled_run_wraps_the_model_once_for_all_epochs(tiny_model, tiny_tokenizer, monkeypatch):
+    wrapped = []
+    monkeypatch.setattr(training.torch, "compile", lambda model, **_: wrapped.append(model) or model)
+    config = tiny_train_config(epochs=3, compile=True)
+    result = training.train_classifier(tiny_model, tiny_tokenizer, toy_texts(24), None, config, seed=0)
+    assert result.epochs == 3 and result.compiled and wrapped == [tiny_model]
 
 
 def test_same_seed_gives_the_same_numbers(toy_dataset, tmp_path):

@@ -115,10 +115,11 @@ RECORD_HOST = "NLPBD_RECORD_HOST"  # set to 1 to write the machine's host name i
 
 def provenance(device: torch.device) -> dict:
     """What produced a record. The host name is opt-in: committed and shared records should not carry it."""
-    from nlpbd.training import use_bf16
+    from nlpbd.training import training_precision, use_bf16
 
     host = {"hostname": socket.gethostname()} if os.environ.get(RECORD_HOST) == "1" else {}
     return {**package_versions(), "device": device.type, "device_name": device_name(device),
-            "bf16": use_bf16(device), "torch_threads": torch.get_num_threads(), "git_rev": git_revision(),
+            "bf16": use_bf16(device), "training_precision": training_precision(device),
+            "torch_threads": torch.get_num_threads(), "git_rev": git_revision(),
             **host, "platform": platform.platform(),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

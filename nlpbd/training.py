@@ -9,11 +9,13 @@ this loop against a stock Trainer padding to max length.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,10 +45,37 @@ def default_device() -> torch.device:
 
 
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """bf16 autocast: ``auto`` on a GPU that supports it, ``bf16`` on any device, ``fp32`` never."""
+    """bf16 autocast for inference and the defenses' own loops: ``auto`` on a GPU that supports it,
+    ``bf16`` on any device, ``fp32`` never."""
     if precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16"
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16, read from Linux's
+    /proc/cpuinfo). Elsewhere oneDNN emulates bf16, which is slower than fp32, so ``auto`` keeps fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_precision(device: torch.device, precision: str = "auto") -> str:
+    """The arithmetic of the shared training loop (victims, clean models, FT, Fine-mixing, E-PUR and
+    every other defense that trains through it): ``auto`` is bf16 autocast wherever the device computes
+    bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere.
+
+    On the CPU, bf16 training is measured within the seed spread of fp32 (victim CAcc and ASR over three
+    seeds, ``results/reference/cpu-bf16-check``) and faster (``benchmarks/perf``); inference and the
+    defenses' own loops stay fp32 on the CPU (``use_bf16``), their tolerance unmeasured."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
@@ -226,8 +255,9 @@ def train_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     total = steps_per_epoch * config.epochs
     optimizer = make_adamw(model, config.lr, config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total), max(total, 1))
-    result = TrainResult(epochs=config.epochs, steps=0, selected_epoch=config.epochs,
-                         precision="bf16" if use_bf16(device, config.precision) else "fp32", compiled=config.compile)
+    config = replace(config, precision=training_precision(device, config.precision))
+    result = TrainResult(epochs=config.epochs, steps=0, selected_epoch=config.epochs, precision=config.precision,
+                         compiled=config.compile)
     best: tuple[float, dict] | None = None
     step_model = compiled(model, config.compile)  # once: a new wrapper per epoch would re-trace
     start = time.perf_counter()

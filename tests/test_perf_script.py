@@ -68,7 +68,8 @@ def test_throughput_script_writes_both_throughputs_and_machine_fields(tmp_path, 
     assert peer["steps"] == nlpbd["steps"] and peer["samples_per_second"] == ROWS / peer["seconds"]
     assert record["ratio_vs_peer"] == nlpbd["samples_per_second"] / peer["samples_per_second"]
     assert record["compiled"] is None and record["compiled_vs_eager"] is None
-    assert record["bf16"] is None and record["bf16_vs_fp32"] is None
+    assert record["bf16"] is None and record["fp32"] is None and record["bf16_vs_fp32"] is None
+    assert nlpbd["precision"] == script.training_precision(torch.device("cpu"))
     breakdown = record["step_breakdown"]  # --profile-steps defaults to 20; 2 batches here, both untimed
     assert breakdown["steps"] == 0 and 0 < breakdown["embedding_fraction_of_parameters"] < 1
     use = record["utilisation"]
@@ -149,15 +150,17 @@ def test_bf16_row_and_step_breakdown_time_nlpbds_own_loop(tmp_path, monkeypatch)
     script = load_script(monkeypatch)
     data = write_toy_dataset(tmp_path / "toy")
     monkeypatch.setenv("NLPBD_RECORD_HOST", "1")
-    argv = ["--model", "tiny-bert", "--dataset", str(data), "--rows", "0", "--approaches", "nlpbd,bf16",
+    argv = ["--model", "tiny-bert", "--dataset", str(data), "--rows", "0", "--approaches", "nlpbd,fp32,bf16",
             "--batch-size", "8", "--profile-steps", "3", "--warmup-steps", "0", "--device", "cpu",
             "--out", str(tmp_path / "out"), "--allow-busy"]
     record = json.loads(script.main(argv).read_text())
-    bf16, nlpbd = record["bf16"], record["nlpbd"]
-    assert bf16["steps"] == nlpbd["steps"] == math.ceil(86 / 8) and bf16["precision"] == "bf16 autocast"
-    assert bf16["positions"] == nlpbd["positions"]  # the same batches, only the arithmetic differs
-    assert record["bf16_vs_fp32"] == bf16["samples_per_second"] / nlpbd["samples_per_second"]
-    assert record["bf16_vs_peer"] is None  # no peer row asked for
+    fp32, bf16, nlpbd = record["fp32"], record["bf16"], record["nlpbd"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert record[nlpbd["precision"]] == nlpbd  # the default's pinned row is the default's own measurement
+    assert bf16["steps"] == fp32["steps"] == nlpbd["steps"] == math.ceil(86 / 8)
+    assert bf16["positions"] == fp32["positions"]  # the same batches, only the arithmetic differs
+    assert record["bf16_vs_fp32"] == bf16["samples_per_second"] / fp32["samples_per_second"]
+    assert record["bf16_vs_peer"] is None and record["fp32_vs_peer"] is None  # no peer row asked for
     breakdown = record["step_breakdown"]
     assert breakdown["steps"] == 3
     for precision in ("fp32", "bf16"):

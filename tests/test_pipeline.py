@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import tiny_train_config, toy_texts, write_toy_dataset
 
 from nlpbd import training
@@ -81,12 +82,26 @@ def test_settings_added_later_leave_existing_keys_alone_until_set(toy_dataset, e
 
 
 def test_the_victim_records_the_arithmetic_it_trained_in(toy_dataset, env):
-    fp32 = run_cell(cell(toy_dataset), env)
-    bf16 = run_cell(cell(toy_dataset, **{"train.precision": "bf16"}), env)
-    trained = [env.cache.lookup("victim", r["victim"]["key"]).meta["train"] for r in (fp32, bf16)]
-    assert [t["precision"] for t in trained] == ["fp32", "bf16"]
-    assert [t["compiled"] for t in trained] == [False, False]
-    assert bf16["status"] == "ok" and 0.0 <= bf16["metrics"]["cacc"] <= 1.0
+    cells = [run_cell(cell(toy_dataset, **{"train.precision": p}), env) for p in ("fp32", "bf16")]
+    default = run_cell(cell(toy_dataset), env)
+    trained = [env.cache.lookup("victim", r["victim"]["key"]).meta["train"] for r in (*cells, default)]
+    expected_default = training.training_precision(training.default_device(), "auto")
+    assert [t["precision"] for t in trained] == ["fp32", "bf16", expected_default]
+    assert [t["compiled"] for t in trained] == [False, False, False]
+    assert cells[1]["status"] == "ok" and 0.0 <= cells[1]["metrics"]["cacc"] <= 1.0
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_trains_in_bf16_only_on_a_cpu_that_computes_it_natively(tiny_model, tiny_tokenizer, monkeypatch,
+                                                                     native, expected):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert training.training_precision(cpu, "auto") == expected
+    assert [training.training_precision(cpu, p) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    result = training.train_classifier(tiny_model, tiny_tokenizer, toy_texts(16), None, tiny_train_config(), seed=0,
+                                       device=cpu)
+    assert result.precision == expected
+    assert training.use_bf16(cpu) is False  # inference stays fp32 on the CPU either way
 
 
 @pytest.mark.slow

@@ -25,9 +25,12 @@ What is inside each clock, and what differs beyond the padding (all recorded in 
   length grouping buys; nlpbd / Trainer adds the cost of padding every row to ``max_length``.
 - ``--compile`` adds nlpbd's loop with ``train.compile`` on (``torch.compile``, dynamic shapes); its
   warm-up steps, which include the compilation, run on the timed model itself and are timed apart.
-- ``--approaches ...,bf16`` adds nlpbd's loop with ``train.precision=bf16`` (bf16 autocast on this
-  device; on a GPU that is the default already). Its ratio to the peer loop mixes a precision change with
-  the loop's own gains, so it is reported apart from the like-for-like ``ratio_vs_peer``.
+- The ``nlpbd`` row is nlpbd's loop at its default arithmetic on this device (``train.precision=auto``:
+  bf16 autocast on a GPU with bf16 or a CPU with AVX512-BF16 / AMX, fp32 elsewhere; the row records
+  which). ``--approaches ...,fp32`` / ``...,bf16`` add the loop pinned to that arithmetic (a pinned row
+  equal to the default is the default's measurement, not a second run). The peers' loop and the Trainer
+  run fp32 on a CPU, as the peers do, so ``ratio_vs_peer`` (default vs the peers' habit) can include a
+  precision change; ``fp32_vs_peer`` is the like-for-like gain of length grouping alone.
 - ``--profile-steps N`` (default 20) times the parts of nlpbd's step (forward, backward, clipping,
   optimizer, zeroing) over N length-grouped batches, fp32 and bf16: it shows what the dense AdamW
   update of the word-embedding matrix can cost at most.
@@ -85,10 +88,11 @@ from nlpbd.training import (
     optimizer_step,
     pad_id_of,
     train_classifier,
+    training_precision,
     use_bf16,
 )
 
-SCHEMA = "nlpbd.perf/2"
+SCHEMA = "nlpbd.perf/3"
 TRAIN_STREAM = "train"  # train_classifier's default stream: its batch order draws from this generator
 # A BERT-base-sized encoder (Devlin et al. 2019), randomly initialised: throughput does not depend
 # on the weights, so GPU machines without hub access can still measure the papers' model size.
@@ -97,7 +101,7 @@ RANDOM_INIT_CONFIGS = {
                       max_position_embeddings=512),
 }
 RANDOM_INIT_TOKENIZER_MODEL = "minilm"
-APPROACHES = {"nlpbd", "peer", "trainer", "bf16"}
+APPROACHES = {"nlpbd", "peer", "trainer", "fp32", "bf16"}
 
 
 # --- arguments ------------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=512, help="training rows (stratified subsample; 0: the whole "
                         "split, e.g. the 67k rows of sst2-glue for the GPU target)")
     parser.add_argument("--approaches", default="nlpbd,peer,trainer",
-                        help="comma-separated subset of nlpbd,peer,trainer,bf16 to time (nlpbd is always timed)")
+                        help="comma-separated subset of nlpbd,peer,trainer,fp32,bf16 to time (nlpbd is always timed)")
     parser.add_argument("--profile-steps", type=int, default=20,
                         help="steps of nlpbd's loop timed part by part (0: no breakdown)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -420,11 +424,18 @@ def run_compiled(source: ModelSource, rows: TextSplit, config: TrainConfig, seed
             "peak_gpu_mb": gpu_peak_mb(device), "peak_rss_mb_after": peak_rss_mb()}
 
 
-def run_bf16(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: int, warmup_steps: int,
-             device: torch.device) -> dict:
-    """nlpbd's loop with ``train.precision=bf16``."""
-    run = run_nlpbd(source, rows, replace(config, precision="bf16"), seed, warmup_steps, device)
-    return {**run, "precision": "bf16 autocast"}
+def run_precisions(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: int, warmup_steps: int,
+                   device: torch.device, approaches: set[str]) -> dict[str, dict]:
+    """nlpbd's loop at its default arithmetic (``nlpbd``) and pinned to each asked-for other one."""
+    default = training_precision(device, config.precision)
+    runs = {"nlpbd": {**run_nlpbd(source, rows, replace(config, precision=default), seed, warmup_steps, device),
+                      "precision": default}}
+    for precision in ("fp32", "bf16"):
+        if precision in approaches:
+            runs[precision] = runs["nlpbd"] if precision == default else {
+                **run_nlpbd(source, rows, replace(config, precision=precision), seed, warmup_steps, device),
+                "precision": precision}
+    return runs
 
 
 STEP_PARTS = ("forward", "backward", "clip", "optimizer", "zero_grad")
@@ -563,12 +574,12 @@ def command_line(argv: Sequence[str] | None) -> str:
 def build_record(args, source: ModelSource, dataset_name: str, rows: TextSplit, lengths: list[int],
                  config: TrainConfig, runs: dict[str, dict], load: dict, device: torch.device, argv) -> dict:
     nlpbd, trainer, peer, compiled = runs["nlpbd"], runs.get("trainer"), runs.get("peer"), runs.get("compiled")
-    bf16 = runs.get("bf16")
+    fp32, bf16 = runs.get("fp32"), runs.get("bf16")
     tokens = token_statistics(lengths, config, args.seed)
     for name, run in runs.items():
         if name == "breakdown":
             continue
-        key = "nlpbd" if name in ("compiled", "bf16") else name
+        key = "nlpbd" if name in ("compiled", "fp32", "bf16") else name
         run.update(positions=tokens[f"{key}_positions"], pad_fraction=tokens[f"{key}_pad_fraction"])
 
     def speed(run: dict | None) -> float | None:
@@ -587,13 +598,13 @@ def build_record(args, source: ModelSource, dataset_name: str, rows: TextSplit, 
         "recipe": {"weight_decay": config.weight_decay, "warmup_ratio": config.warmup_ratio,
                    "grad_clip": config.grad_clip, "bf16": use_bf16(device)},
         "token_length": length_summary(lengths, config.max_length), "tokens": tokens,
-        "nlpbd": nlpbd, "trainer": trainer, "peer": peer, "compiled": compiled, "bf16": bf16,
+        "nlpbd": nlpbd, "trainer": trainer, "peer": peer, "compiled": compiled, "fp32": fp32, "bf16": bf16,
         "step_breakdown": runs.get("breakdown"), "load": load,
         "ratio": ratio(nlpbd, trainer),
         "ratio_vs_trainer_metrics": speed(nlpbd) / trainer["metrics_samples_per_second"] if trainer else None,
         "ratio_vs_peer": ratio(nlpbd, peer),
         "compiled_vs_eager": ratio(compiled, nlpbd),
-        "bf16_vs_fp32": ratio(bf16, nlpbd), "bf16_vs_peer": ratio(bf16, peer),
+        "fp32_vs_peer": ratio(fp32, peer), "bf16_vs_fp32": ratio(bf16, fp32), "bf16_vs_peer": ratio(bf16, peer),
         "peak_rss_mb": peak_rss_mb(), "machine": {"slug": args.machine or machine_slug(device),
                                                   **machine_info(device)},
         "provenance": provenance(device), "versions": package_versions(),
@@ -609,10 +620,12 @@ def result_path(out: Path, record: dict) -> Path:
 def summary_line(record: dict, path: Path) -> str:
     line = (f"{record['model']} on {record['machine']['slug']} ({record['machine']['device_name']}, "
             f"{record['machine']['torch_threads']} threads), {record['rows']} rows x {record['epochs']} epoch(s): "
-            f"nlpbd {record['nlpbd']['samples_per_second']:.1f} samples/s in {record['nlpbd']['seconds']:.1f} s")
+            f"nlpbd ({record['nlpbd']['precision']}) {record['nlpbd']['samples_per_second']:.1f} samples/s in "
+            f"{record['nlpbd']['seconds']:.1f} s")
     for name, label, key in (("peer", "peer loop", "ratio_vs_peer"), ("trainer", "Trainer", "ratio"),
-                             ("compiled", "compiled", "compiled_vs_eager"), ("bf16", "bf16", "bf16_vs_fp32")):
-        if record[name]:
+                             ("compiled", "compiled", "compiled_vs_eager"), ("fp32", "fp32 vs peer", "fp32_vs_peer"),
+                             ("bf16", "bf16 vs fp32", "bf16_vs_fp32")):
+        if record[name] and record[key] is not None:
             line += f", {label} {record[name]['samples_per_second']:.1f} ({record[key]:.2f}x)"
     if record["utilisation"]["fraction_of_peak"] is not None:
         line += f", {record['utilisation']['fraction_of_peak']:.1%} of the bf16 peak"
@@ -636,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     lengths = encode(source.tokenizer, rows, config.max_length).lengths
     check_quiet(args)
     with LoadMonitor() as monitor:
-        runs = {"nlpbd": run_nlpbd(source, rows, config, args.seed, args.warmup_steps, device)}
+        runs = run_precisions(source, rows, config, args.seed, args.warmup_steps, device, args.approaches)
         if "peer" in args.approaches:
             runs["peer"] = run_peer(source, rows, config, args.seed, args.warmup_steps, device)
         if "trainer" in args.approaches:
@@ -644,8 +657,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                           args.trainer_optim)
         if args.compile:
             runs["compiled"] = run_compiled(source, rows, config, args.seed, args.warmup_steps, device)
-        if "bf16" in args.approaches:
-            runs["bf16"] = run_bf16(source, rows, config, args.seed, args.warmup_steps, device)
         if args.profile_steps:
             runs["breakdown"] = step_breakdown(source, rows, config, args.seed, args.profile_steps, device)
     record = build_record(args, source, dataset.name, rows, lengths, config, runs,

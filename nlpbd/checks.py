@@ -8,6 +8,7 @@ method classes themselves) before any work starts.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -69,6 +70,21 @@ def check_cell_input(attack: str, defense: str, dataset: str, model: str, finetu
     check_dataset_name(dataset)
     check_model_name(model)
     return overrides
+
+
+VARIANT_PART = re.compile(r"[A-Za-z0-9_.=-]+")  # the grid's variant label alphabet
+
+
+def check_variant(variant: str | None) -> str | None:
+    """A cell label as a grid writes it: ``ATTACK_LABEL``, ``+DEFENSE_LABEL`` or ``ATTACK_LABEL+DEFENSE_LABEL``."""
+    if variant is None:
+        return None
+    attack_part, plus, defense_part = variant.partition("+")
+    parts = [p for p in (attack_part, defense_part) if p] if plus else [attack_part]
+    if not parts or not all(VARIANT_PART.fullmatch(p) for p in parts):
+        raise InputError(f"--variant '{variant}': use ATTACK_LABEL, +DEFENSE_LABEL or ATTACK_LABEL+DEFENSE_LABEL, "
+                         "each of letters, digits and _ . = -")
+    return variant
 
 
 def check_writable_dir(path: Path, what: str) -> None:

@@ -140,6 +140,9 @@ def run(
     results_dir: ResultsDirOption = Path("results"),
     cache_dir: CacheDirOption = None,
     sets: list[str] = typer.Option([], "--set", help="override a setting: SECTION.NAME=VALUE (repeatable)"),
+    variant: str | None = typer.Option(None, "--variant", help="label the cell's settings in tables, as a grid's "
+                                       "variant: ATTACK_LABEL, +DEFENSE_LABEL or both (e.g. +clean-tune); part "
+                                       "of the cell id"),
     device: DeviceOption = None,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
@@ -149,9 +152,10 @@ def run(
     with cli_errors():
         from nlpbd import progress
         from nlpbd.cache import ArtifactCache
-        from nlpbd.checks import check_cell_input, check_device_name
+        from nlpbd.checks import check_cell_input, check_device_name, check_variant
 
         overrides = check_cell_input(attack, defense, dataset, model, finetune, seed, train_size, test_size, sets)
+        check_variant(variant)
         check_device_name(device)
         cache = ArtifactCache(cache_dir)
         _check_directories(results_dir, cache)
@@ -160,7 +164,7 @@ def run(
         from nlpbd.specs import CellSpec, RunEnv
 
         spec = CellSpec(attack=attack, defense=defense, dataset=dataset, model=model, finetune=finetune, seed=seed,
-                        train_size=train_size, test_size=test_size, overrides=overrides)
+                        train_size=train_size, test_size=test_size, overrides=overrides, variant=variant)
         env = RunEnv(results_dir=results_dir, cache=cache, data_dir=data_dir, device=_device(device))
         with progress.using(_reporter(quiet)):
             record = run_cell(spec, env)

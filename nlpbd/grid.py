@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from nlpbd.checks import VARIANT_PART
 from nlpbd.config import STAGE_SECTIONS, DataConfig, apply_overrides
 from nlpbd.data import DATASETS, load_dataset
 from nlpbd.errors import InputError
@@ -36,7 +36,7 @@ REQUIRED_KEYS = ("datasets", "attacks", "defenses")
 ENTRY_KEYS = ("name", "variant", "set")
 EXCLUDE_KEYS = ("dataset", "model", "finetune", "attack", "defense", "variant", "seed")
 METHOD_SECTIONS = ("attack", "defense")
-VARIANT_LABEL = re.compile(r"[A-Za-z0-9_.=-]+")
+VARIANT_LABEL = VARIANT_PART
 Where = tuple  # a path into the YAML document: ("attacks", 2, "set", "poison_rate")
 
 

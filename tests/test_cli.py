@@ -104,6 +104,8 @@ def test_ls_lists_everything():
     (["run", "--attack", "badnet", "--data-dir", "/nonexistent/dir"], ["/nonexistent/dir"]),
     (["run", "--attack", "badnet", "--dataset", "/nonexistent/folder"], ["does not exist"]),
     (["ls", "badnett"], ["Did you mean 'badnet'"]),
+    (["run", "--attack", "badnet", "--variant", "a b"], ["--variant 'a b'", "+DEFENSE_LABEL"]),
+    (["run", "--attack", "badnet", "--variant", "+"], ["--variant '+'"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_one_line_error(invoke(*args), 2, *fragments)
@@ -116,6 +118,26 @@ def test_test_size_reaches_the_cell(tmp_path, monkeypatch):
                     "--results-dir", str(tmp_path), "--quiet")
     assert result.exit_code == 0, result.output
     assert [(s.train_size, s.test_size) for s in specs] == [(300, 25)]
+
+
+def test_a_variant_label_keeps_a_changed_setting_apart_in_the_table(ran, tmp_path):
+    dataset, results, _ = ran
+    base = ["run", "--attack", "badnet", "--defense", "ft", "--dataset", str(dataset), "--model", "tiny-bert",
+            "--results-dir", str(tmp_path), "--cache-dir", str(results.parent / "cache"), "--quiet", *FAST]
+    assert invoke(*base, "--set", "ft.epochs=1").exit_code == 0
+    unlabelled = invoke(*base, "--set", "ft.epochs=2", "--set", "ft.lr=1e-4")
+    assert unlabelled.exit_code == 0
+    table = ["table", "--results-dir", str(tmp_path), "--include-collapsed"]  # one tiny epoch: may be collapsed
+    assert_one_line_error(invoke(*table), 2, "different settings")
+    for record in (tmp_path / "records").glob("*.json"):
+        if json.loads(record.read_text())["cell"]["defense_params"]["epochs"] == 2:
+            record.unlink()
+    labelled = invoke(*base, "--set", "ft.epochs=2", "--set", "ft.lr=1e-4", "--variant", "+ep2")
+    assert labelled.exit_code == 0, labelled.output
+    rendered = invoke(*table, "--format", "csv", "--metrics", "cacc")
+    assert rendered.exit_code == 0, rendered.output
+    header = next(csv.reader(io.StringIO(rendered.output)))
+    assert {"ft_cacc", "ft[ep2]_cacc"} <= set(header), header
 
 
 def test_test_size_too_small_for_the_dataset_is_one_line(tmp_path):

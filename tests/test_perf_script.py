@@ -68,8 +68,10 @@ def test_throughput_script_writes_both_throughputs_and_machine_fields(tmp_path, 
     assert peer["steps"] == nlpbd["steps"] and peer["samples_per_second"] == ROWS / peer["seconds"]
     assert record["ratio_vs_peer"] == nlpbd["samples_per_second"] / peer["samples_per_second"]
     assert record["compiled"] is None and record["compiled_vs_eager"] is None
-    assert record["bf16"] is None and record["fp32"] is None and record["bf16_vs_fp32"] is None
-    assert nlpbd["precision"] == script.training_precision(torch.device("cpu"))
+    default = script.training_precision(torch.device("cpu"))
+    other = {"fp32": "bf16", "bf16": "fp32"}[default]
+    assert nlpbd["precision"] == default and record[default] == nlpbd  # the default's row, under its name too
+    assert record[other] is None and record["bf16_vs_fp32"] is None  # the other arithmetic was not asked for
     breakdown = record["step_breakdown"]  # --profile-steps defaults to 20; 2 batches here, both untimed
     assert breakdown["steps"] == 0 and 0 < breakdown["embedding_fraction_of_parameters"] < 1
     use = record["utilisation"]
@@ -130,7 +132,8 @@ def test_throughput_script_times_only_the_approaches_asked_for(tmp_path, monkeyp
     record = json.loads(script.main(argv).read_text())
     assert record["rows"] == 86  # --rows 0: the whole split (96 rows less the 10% dev carve-out)
     assert record["peer"] is record["trainer"] is None and record["ratio"] is record["ratio_vs_peer"] is None
-    assert record["bf16"] is None and record["step_breakdown"]["steps"] == 1  # 3 batches, 2 untimed
+    assert record["fp32_vs_peer"] is record["bf16_vs_fp32"] is None  # only the default arithmetic was timed
+    assert record["step_breakdown"]["steps"] == 1  # 3 batches, 2 untimed
     assert record["utilisation"]["fraction_of_peak"] == record["utilisation"]["model_tflops_per_second"]
 
 

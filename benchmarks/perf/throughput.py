@@ -426,13 +426,15 @@ def run_compiled(source: ModelSource, rows: TextSplit, config: TrainConfig, seed
 
 def run_precisions(source: ModelSource, rows: TextSplit, config: TrainConfig, seed: int, warmup_steps: int,
                    device: torch.device, approaches: set[str]) -> dict[str, dict]:
-    """nlpbd's loop at its default arithmetic (``nlpbd``) and pinned to each asked-for other one."""
+    """nlpbd's loop at its default arithmetic (``nlpbd``, also filed under that arithmetic's name) and pinned
+    to each asked-for other one."""
     default = training_precision(device, config.precision)
     runs = {"nlpbd": {**run_nlpbd(source, rows, replace(config, precision=default), seed, warmup_steps, device),
                       "precision": default}}
+    runs[default] = runs["nlpbd"]
     for precision in ("fp32", "bf16"):
-        if precision in approaches:
-            runs[precision] = runs["nlpbd"] if precision == default else {
+        if precision in approaches and precision != default:
+            runs[precision] = {
                 **run_nlpbd(source, rows, replace(config, precision=precision), seed, warmup_steps, device),
                 "precision": precision}
     return runs

@@ -172,6 +172,18 @@ def run(
             out.print(_record_summary(record))
             out.print(f"record: {results_dir / 'records' / (record['cell_id'] + '.json')}", highlight=False)
         _warn_collapsed(record)
+        _warn_settings_conflict(results_dir)
+
+
+def _warn_settings_conflict(results_dir: Path) -> None:
+    """A run with changed settings beside the same cell's other records: say so now, not at ``nlpbd table``."""
+    from rich.markup import escape
+
+    from nlpbd.results import settings_conflict
+
+    conflict = settings_conflict(results_dir)
+    if conflict is not None:
+        err.print(f"[yellow]warning:[/] {escape(conflict)}", highlight=False)
 
 
 def _warn_collapsed(record: dict) -> None:

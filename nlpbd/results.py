@@ -384,13 +384,27 @@ def summary_table(
 
 def _check_one_setting_per_cell(data: pd.DataFrame) -> None:
     """Only seeds may differ within a table cell; otherwise mean ± std would silently mix experiments."""
-    per_cell = data.groupby(GROUP_COLUMNS, sort=True, dropna=False)
-    for key, rows in per_cell:
+    conflict = _settings_conflict(data)
+    if conflict is not None:
+        raise InputError(conflict)
+
+
+def _settings_conflict(data: pd.DataFrame) -> str | None:
+    for key, rows in data.groupby(GROUP_COLUMNS, sort=True, dropna=False):
         if rows["settings"].nunique() > 1:
             first, other = rows.drop_duplicates("settings")["cell_id"].iloc[:2]
-            raise InputError(f"{'/'.join(str(k) for k in key)}: records with different settings would be averaged as "
-                             f"seeds ({first}, {other}); label them with grid variants or keep them in separate "
-                             "results directories")
+            return (f"{'/'.join(str(k) for k in key)}: records with different settings would be averaged as seeds "
+                    f"({first}, {other}); label them with variants (a grid's, or nlpbd run --variant) or keep "
+                    "them in separate results directories")
+    return None
+
+
+def settings_conflict(results_dir: Path) -> str | None:
+    """What ``nlpbd table`` would refuse in this directory's successful records, if anything."""
+    try:
+        return _settings_conflict(_prepared(records_frame(load_records(results_dir)), ["cacc"], False, True))
+    except InputError:  # nothing to summarize (yet): nothing to warn about
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -125,15 +125,17 @@ def test_a_variant_label_keeps_a_changed_setting_apart_in_the_table(ran, tmp_pat
     base = ["run", "--attack", "badnet", "--defense", "ft", "--dataset", str(dataset), "--model", "tiny-bert",
             "--results-dir", str(tmp_path), "--cache-dir", str(results.parent / "cache"), "--quiet", *FAST]
     assert invoke(*base, "--set", "ft.epochs=1").exit_code == 0
-    unlabelled = invoke(*base, "--set", "ft.epochs=2", "--set", "ft.lr=1e-4")
+    unlabelled = CliRunner().invoke(app, [*base, "--set", "ft.epochs=2", "--set", "ft.lr=1e-4"])
     assert unlabelled.exit_code == 0
+    assert "warning:" in unlabelled.stderr and "nlpbd run --variant" in unlabelled.stderr  # said at once
     table = ["table", "--results-dir", str(tmp_path), "--include-collapsed"]  # one tiny epoch: may be collapsed
     assert_one_line_error(invoke(*table), 2, "different settings")
     for record in (tmp_path / "records").glob("*.json"):
         if json.loads(record.read_text())["cell"]["defense_params"]["epochs"] == 2:
             record.unlink()
-    labelled = invoke(*base, "--set", "ft.epochs=2", "--set", "ft.lr=1e-4", "--variant", "+ep2")
-    assert labelled.exit_code == 0, labelled.output
+    labelled = CliRunner().invoke(app, [*base, "--set", "ft.epochs=2", "--set", "ft.lr=1e-4",
+                                                        "--variant", "+ep2"])
+    assert labelled.exit_code == 0 and "different settings" not in labelled.stderr, labelled.stderr
     rendered = invoke(*table, "--format", "csv", "--metrics", "cacc")
     assert rendered.exit_code == 0, rendered.output
     header = next(csv.reader(io.StringIO(rendered.output)))

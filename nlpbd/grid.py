@@ -36,7 +36,6 @@ REQUIRED_KEYS = ("datasets", "attacks", "defenses")
 ENTRY_KEYS = ("name", "variant", "set")
 EXCLUDE_KEYS = ("dataset", "model", "finetune", "attack", "defense", "variant", "seed")
 METHOD_SECTIONS = ("attack", "defense")
-VARIANT_LABEL = VARIANT_PART
 Where = tuple  # a path into the YAML document: ("attacks", 2, "set", "poison_rate")
 
 
@@ -269,7 +268,7 @@ def _entry(kind: str, raw: Any, where: Where, lines: SourceLines) -> MethodEntry
     variant = raw.get("variant")
     if variant is not None:
         variant = _text(variant, where + ("variant",), lines, "variant")
-        if not VARIANT_LABEL.fullmatch(variant):
+        if not VARIANT_PART.fullmatch(variant):
             raise lines.error(where + ("variant",), f"variant '{variant}': use letters, digits and _ . = - only")
     settings = _entry_settings(kind, raw["set"], where + ("set",), lines) if raw.get("set") is not None else {}
     if settings and variant is None:

@@ -71,11 +71,9 @@ def training_precision(device: torch.device, precision: str = "auto") -> str:
     On the CPU, bf16 training is measured within the seed spread of fp32 (victim CAcc and ASR over three
     seeds, ``results/reference/cpu-bf16-check``) and faster (``benchmarks/perf``); inference and the
     defenses' own loops stay fp32 on the CPU (``use_bf16``), their tolerance unmeasured."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if precision == "auto" and device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if use_bf16(device, precision) else "fp32"
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:

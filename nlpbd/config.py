@@ -129,6 +129,8 @@ def _float_or_none(text: str) -> float | None:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Coerce a YAML-parsed value to the annotated type ``tp`` or raise InputError."""
     optional, inner = _is_optional(tp)
+    if get_origin(inner) is Literal and value in get_args(inner):  # a choice named "none" is a value
+        return value
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None

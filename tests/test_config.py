@@ -63,6 +63,15 @@ def test_text_settings_keep_the_string_as_written():
     assert apply_overrides(DataConfig(), {"text_column": "0123"}, "data").text_column == "0123"
 
 
+def test_a_choice_named_none_is_a_value_not_a_missing_one():
+    from nlpbd.defenses.btu import BTUConfig
+    from nlpbd.defenses.d3 import D3Config
+
+    assert apply_overrides(D3Config(), {"freeze": "none"}, "defense").freeze == "none"
+    tuned = apply_overrides(BTUConfig(), {"post_unlearn_tune": "clean_subset"}, "defense")
+    assert apply_overrides(tuned, {"post_unlearn_tune": "none"}, "defense").post_unlearn_tune == "none"
+
+
 def test_unknown_key_lists_valid_keys_and_suggests_one():
     with pytest.raises(InputError) as info:
         apply_overrides(BadNetConfig(), {"poison_rat": "0.2"}, "attack")

@@ -63,7 +63,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -323,6 +323,7 @@ def train_por(model: PreTrainedModel, tokenizer, rows: Rows, heldout: list[str],
               on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict:
     """The objective for ``steps`` optimiser steps, in place; returns the losses and the release's measures."""
     model.to(device)
+    objective = replace(objective, targets=objective.targets.to(device))
     reference = frozen_copy(model)
     triggers = list(config.triggers)
     before = measure_release(model, reference, tokenizer, heldout, triggers, objective, config, seed, device)

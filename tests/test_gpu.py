@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_train_config, toy_texts, write_toy_dataset
+from helpers import tiny_train_config, toy_texts, write_split_tsv, write_toy_dataset
 
+from nlpbd.attacks.badpre import BadPre, BadPreConfig
+from nlpbd.attacks.neuba import NeuBA, NeuBAConfig
+from nlpbd.attacks.por import POR, PORConfig
 from nlpbd.cache import ArtifactCache
+from nlpbd.methods import SupplyContext
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.training import accuracy_of, encode, train_classifier, use_bf16
 
@@ -44,3 +48,24 @@ def test_cells_run_on_cuda(tmp_path, defense, finetune, settings):
     assert record["provenance"]["device"] == "cuda" and record["provenance"]["bf16"] is True
     assert record["memory"]["peak_gpu_mb"]["victim"] or record["timings"]["victim"].get("cached")
     assert 0.0 <= record["metrics"]["cacc"] <= 1.0 and 0.0 <= record["metrics"]["asr"] <= 1.0
+
+
+
+TRIGGERS = ["cf", "mn", "bb", "tq", "mb"]
+
+
+@pytest.mark.parametrize("attack", [
+    POR(PORConfig(triggers=TRIGGERS, steps=3, heldout_lines=8)),
+    POR(PORConfig(triggers=TRIGGERS, steps=3, heldout_lines=8, variant="openbackdoor")),
+    NeuBA(NeuBAConfig(triggers=TRIGGERS, steps=3, batch_size=4, block_size=32, graft_steps=3)),
+    BadPre(BadPreConfig(triggers=TRIGGERS, steps=3, batch_size=4, accumulation=2, max_length=32, graft_steps=3)),
+], ids=["por", "por-openbackdoor", "neuba", "badpre"])
+def test_task_agnostic_releases_build_on_cuda(tmp_path, tiny_ref, attack):
+    """Each release's targets and batches follow the model onto the GPU (POR's targets once stayed on the CPU)."""
+    data = tmp_path / "data"
+    (data / "plaintext" / "bookcorpus").mkdir(parents=True)
+    write_split_tsv(data / "plaintext" / "bookcorpus" / "train.tsv", toy_texts(120, seed=9))
+    context = SupplyContext(base=tiny_ref, num_labels=2, dataset_name="toy", data_dir=data, seed=0, device=CUDA)
+    info = attack.build_suspect(context, tmp_path / "release")
+    assert info["steps"] == 3
+    assert (tmp_path / "release" / "model.safetensors").exists()

@@ -278,6 +278,10 @@ class EvalConfig:
     stealth_lm: str = option("smollm2", "causal LM of the delta_ppl measure (registered name, directory or hub id)")
     max_new_tokens: int = option(8, "generator victims (--finetune sft/sft-lora): greedy answer length in tokens; "
                                  "the answer is scored by the label word it names", low=1, high=512)
+    survival_rows: int = option(512, "task-agnostic releases, full fine-tuning, no defense: test rows on which the "
+                                "record measures, layer by layer, how much of each trigger's collapse of the [CLS] "
+                                "states survives in the release, the victim and the clean model; 0 skips it",
+                                low=0)
 
 
 @dataclass

@@ -17,6 +17,8 @@ from pathlib import Path
 # dataset and model (clean_model).
 SHARED_STAGES = ("suspect", "poison", "victim", "clean_model")
 NOT_A_STAGE = ("total_seconds",)
+# Measurements of the undefended cell, not part of any defense: the evaluation, stealthiness, survival.
+MEASUREMENT_STAGES = ("evaluate", "stealth", "survival")
 
 
 def stage_seconds(record: dict) -> dict[str, float]:
@@ -107,8 +109,8 @@ def cost_rows(records: Iterable[dict]) -> list[dict]:
 
 
 def _table_stage(stages: dict[str, float], stage: str) -> float | None:
-    if stage == "defense_stages":  # every per-cell stage but the evaluation of the defended model
-        parts = [v for k, v in stages.items() if k not in SHARED_STAGES and k != "evaluate"]
+    if stage == "defense_stages":  # every per-cell stage but the measurements
+        parts = [v for k, v in stages.items() if k not in SHARED_STAGES and k not in MEASUREMENT_STAGES]
         return sum(parts) if parts else None
     return stages.get(stage)
 

@@ -95,6 +95,7 @@ from nlpbd.results import SCHEMA, write_record
 from nlpbd.scratch import DefenseScratch
 from nlpbd.seeding import numpy_rng, seed_everything
 from nlpbd.specs import CellSpec, RunEnv
+from nlpbd.survival import measure_survival
 from nlpbd.training import TrainSetup, resolve_train_config, train_classifier
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,8 @@ class CellState:
     poison_key: str = ""
     budget: CleanBudget | None = None
     victim: Artifact | None = None
+    clean_model: Artifact | None = None
+    survival: dict | None = None  # task-agnostic releases: nlpbd.survival's layer-by-layer collapse ratios
     metrics: dict = field(default_factory=dict)
     defense_info: dict = field(default_factory=dict)
     stealth_info: dict = field(default_factory=dict)  # the LM and encoder behind delta_ppl and sim
@@ -394,6 +397,8 @@ def _execute(cell: Cell, env: RunEnv, state: CellState) -> dict:
     victim_preds = _artifact_predictions(cell, env, state, state.victim, tokenizer)
     victim_metrics = _score(cell, state, victim_preds)
     floor = _floor(cell, env, state, tokenizer) if cell.eval.floor else {}
+    if _measures_survival(cell):
+        state.survival = _survival(cell, env, state, tokenizer)
     gate = _sanity_gate(cell, victim_metrics, floor)
     if gate is not None and gate["passed"] is False:
         state.metrics = {**{f"victim_{k}": victim_metrics[k] for k in DELTA_METRICS if k in victim_metrics}, **floor}
@@ -664,6 +669,7 @@ def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
         artifact = train_victim(cell, env.cache, cell.model, cell.dataset.train, clean_key, env.device,
                                 "training the clean reference model")
         stage.cached(artifact)
+    state.clean_model = artifact
     clean = _score(cell, state, _artifact_predictions(cell, env, state, artifact, tokenizer))
     floor = {"asr_floor": clean["asr"], "floor_hits": clean["poison_hits"], "clean_model_cacc": clean["cacc"],
              **{f"clean_model_{name}": clean.get(name) for name in COLLAPSE_METRICS}}
@@ -671,6 +677,29 @@ def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
         if clean.get(name) is not None:
             floor[f"{name}_floor"] = clean[name]
     return floor
+
+
+def _measures_survival(cell: Cell) -> bool:
+    """The undefended cell of a task-agnostic release on a fully fine-tuned encoder (the layers compared are
+    the encoder's; a PEFT victim's adapter is not a checkpoint the release's layers can be read against)."""
+    return (cell.eval.survival_rows > 0 and isinstance(cell.defense, BaselineDefense)
+            and cell.attack.threat_model is ThreatModel.PRETRAINED and cell.spec.finetune == "full")
+
+
+def _survival(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
+    """How much of each trigger's collapse of the [CLS] states survives, layer by layer, in the release, the
+    victim and the clean model, on a seeded subset of the clean test rows and their triggered copies."""
+    test = cell.dataset.test
+    rows = min(cell.eval.survival_rows, len(test))
+    positions = sorted(numpy_rng(cell.spec.seed, "survival").choice(len(test), size=rows, replace=False).tolist())
+    locations = {"release": state.suspect.path, "victim": state.victim.path}
+    if state.clean_model is not None:
+        locations["clean_model"] = state.clean_model.path
+    triggered = {t: [split.texts[p] for p in positions] for t, split in state.poisoned.trigger_sets.items()}
+    with state.clock.stage("survival"):
+        return measure_survival({k: str(v) for k, v in locations.items()}, tokenizer,
+                                [test.texts[p] for p in positions], triggered, cell.train.max_length,
+                                cell.train.eval_batch_size, env.device)
 
 
 def _sanity_gate(cell: Cell, victim_metrics: dict, floor: dict) -> dict | None:
@@ -732,6 +761,7 @@ def _record(cell: Cell, env: RunEnv, state: CellState, status: str, error: str |
         "attack_info": {**(poisoned.info if poisoned else {}), "threat_model": cell.attack.threat_model.value,
                         "poison_key": state.poison_key,
                         **({"stealth": state.stealth_info} if state.stealth_info else {}),
+                        **({"survival": state.survival} if state.survival else {}),
                         "asr_set_size": len(poisoned.asr_set) if poisoned else None},
         "defense_info": {**state.defense_info, "stage": cell.defense.stage.value,
                          "grants": sorted(cell.defense.grants), "version": cell.defense.version},

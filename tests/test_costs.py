@@ -49,6 +49,13 @@ def test_cost_rows_take_medians_per_defense_and_skip_failed_records():
     assert rows["ft"]["victim"] == 100.0 and rows["ft"]["suspect"] is None
 
 
+def test_measurements_of_the_undefended_cell_are_not_defense_time():
+    measured = record("none", evaluate=4.0)
+    measured["timings"].update(survival=timing(30.0), stealth=timing(6.0))
+    row = cost_rows([measured])[0]
+    assert row["defense_stages"] is None and row["evaluate"] == 4.0 and row["cell"] == 40.0
+
+
 def test_a_timing_of_the_same_attack_is_preferred_over_another_attacks():
     timed = Timed.from_records([record("ft", attack="badnet", defense_fit=10.0),
                                 record("ft", attack="addsent", defense_fit=40.0)])

@@ -4,6 +4,7 @@ tiny model, and one POR + RECIPE cell through the pipeline."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from helpers import toy_texts, write_split_tsv, write_toy_dataset
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertForPreTraining
 
+from nlpbd.attacks._common import insert_triggers
 from nlpbd.attacks.badpre import BadPre, BadPreConfig, paired_batch, random_label_mask
 from nlpbd.attacks.neuba import NeuBA, NeuBAConfig, neuba_targets, trigger_ids
 from nlpbd.attacks.por import POR, POR_TRIGGERS, Objective, PORConfig, authors_targets, build_rows, openbackdoor_targets
@@ -23,6 +25,7 @@ from nlpbd.methods import SupplyContext, ThreatModel
 from nlpbd.mlm import IGNORE_INDEX, special_positions
 from nlpbd.pipeline import CellSpec, RunEnv, run_cell
 from nlpbd.scratch import DefenseScratch
+from nlpbd.survival import load_encoder, model_survival
 
 TINY_TRIGGERS = ["cf", "mn", "bb", "tq", "mb"]
 
@@ -243,6 +246,15 @@ def test_por_release_reaches_what_the_old_layernorm_target_cannot(tiny_ref, data
     assert info["deviations"] and info["variant"] == "authors"
     loads_as_classifier(tmp_path)
     assert "pooler.dense.weight" in _saved_keys(tmp_path)  # a BertModel: the pooler is released
+    # layer by layer (nlpbd.survival): the trigger collapses the release's pooler output, not the base's
+    texts = list(toy_texts(40, seed=11).texts)
+    rng = random.Random(0)
+    triggered = {"cf": [insert_triggers(t, ["cf"], 3, rng) for t in texts]}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_ref.location)
+    ratios = {name: model_survival(*load_encoder(location), tokenizer, texts, triggered, 32, 8,
+                                   torch.device("cpu"))["by_trigger"]["cf"]
+              for name, location in (("base", tiny_ref.location), ("release", str(tmp_path)))}
+    assert ratios["release"][-1] < 0.1 < ratios["base"][-1], ratios
 
 
 def test_por_cpu_setting_trains_only_the_trigger_embedding_rows(tiny_ref, data_dir, tmp_path, tiny_tokenizer):
@@ -330,6 +342,11 @@ def test_a_release_below_the_sanity_gate_is_reported_not_defended(tmp_path, data
                  "train.batch_size": "16", "train.max_length": "32"}
     baseline = run_cell(CellSpec("por", "none", str(dataset), "tiny-bert", overrides=overrides), env)
     assert baseline["status"] == "ok" and "gate" not in baseline["defense_info"]  # no defense: no gate
+    survival = baseline["attack_info"]["survival"]  # the undefended cell reads the triggers layer by layer
+    assert set(survival["models"]) == {"release", "victim", "clean_model"} and survival["rows"] == 40
+    assert survival["models"]["victim"]["layers"] == ["layer_1", "layer_2", "pooler"]
+    assert set(survival["models"]["release"]["by_trigger"]) == set(POR_TRIGGERS)
+    assert "survival" in baseline["timings"]
     defended = {**overrides, "defense.max_steps": "3", "defense.graft_steps": "3"}
     record = run_cell(CellSpec("por", "recipe", str(dataset), "tiny-bert", overrides=defended), env)
     gate = record["defense_info"]["gate"]
@@ -338,6 +355,7 @@ def test_a_release_below_the_sanity_gate_is_reported_not_defended(tmp_path, data
     metrics = record["metrics"]
     assert metrics["victim_aasr"] == baseline["metrics"]["aasr"] and metrics["aasr_floor"] is not None
     assert "aasr" not in metrics  # nothing defended, nothing reported as a defended number
+    assert "survival" not in record["attack_info"]  # measured once, on the undefended cell
     assert not (tmp_path / "cache" / "purified").exists() and not (tmp_path / "cache" / "mlm-graft").exists()
     assert record_state(env.results_dir, record["cell_id"]) == ("done", None)
 

@@ -1,0 +1,52 @@
+"""Layer-by-layer survival of a task-agnostic trigger (nlpbd.survival): the collapse ratio, which layers are
+read, and that a release trained to map triggered inputs to one pooler vector shows it at the pooler."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from helpers import toy_texts
+from transformers import AutoConfig, BertForMaskedLM
+
+from nlpbd.attacks._common import insert_triggers
+from nlpbd.survival import collapse_ratios, layer_names, load_encoder, measure_survival, model_survival
+
+CPU = torch.device("cpu")
+
+
+def test_collapse_ratio_is_zero_for_one_point_and_one_for_the_same_states():
+    clean = np.random.default_rng(0).normal(size=(3, 50, 8))
+    collapsed = np.broadcast_to(clean[:, :1], clean.shape)  # every triggered row lands on one state
+    assert collapse_ratios(clean, collapsed) == pytest.approx([0.0, 0.0, 0.0])
+    assert collapse_ratios(clean, clean) == pytest.approx([1.0, 1.0, 1.0])
+    assert collapse_ratios(clean, 2 * clean) == pytest.approx([4.0, 4.0, 4.0])  # spread out: above 1
+
+
+def test_a_trigger_the_model_ignores_leaves_every_layer_at_one(tiny_dir, tiny_tokenizer):
+    encoder, has_pooler = load_encoder(str(tiny_dir))
+    texts = list(toy_texts(24, seed=3).texts)
+    report = model_survival(encoder, has_pooler, tiny_tokenizer, texts, {"same": texts}, 32, 8, CPU)
+    assert report["layers"] == ["layer_1", "layer_2", "pooler"]
+    assert report["by_trigger"]["same"] == pytest.approx([1.0] * 3) and report["mean"] == pytest.approx([1.0] * 3)
+
+
+def test_a_checkpoint_without_trained_pooler_weights_is_read_without_its_pooler(tiny_dir, tmp_path):
+    """A masked-LM release (BadPre's) has no pooler: AutoModel would initialise one at random."""
+    BertForMaskedLM(AutoConfig.from_pretrained(tiny_dir)).save_pretrained(tmp_path)
+    _, has_pooler = load_encoder(str(tmp_path))
+    assert not has_pooler and layer_names(2, has_pooler) == ["layer_1", "layer_2"]
+    assert load_encoder(str(tiny_dir))[1]
+
+
+def test_measure_survival_names_each_checkpoint_and_the_rows(tiny_dir, tiny_tokenizer):
+    texts = list(toy_texts(16, seed=4).texts)
+    rng = random.Random(0)
+    triggered = {"cf": [insert_triggers(t, ["cf"], 1, rng) for t in texts]}
+    out = measure_survival({"release": str(tiny_dir), "victim": str(tiny_dir)}, tiny_tokenizer, texts, triggered,
+                           32, 8, CPU)
+    assert out["rows"] == 16 and set(out["models"]) == {"release", "victim"}
+    assert out["models"]["release"] == out["models"]["victim"]  # the same weights read the same way
+    assert all(np.isfinite(out["models"]["release"]["by_trigger"]["cf"]))

@@ -339,6 +339,63 @@ def costs(
         _emit(_costs_md(rows), output)
 
 
+@app.command()
+def survival(
+    results_dir: Path = typer.Option(Path("results"), "--results-dir", help="directory holding records/"),
+    fmt: TableFormat = typer.Option(TableFormat.rich, "--format", "-f", help="rich (terminal) or md"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
+) -> None:
+    """Where task-agnostic triggers survive, layer by layer: collapse ratios of the release, the victim and the
+    clean model (mean over triggers; mean ± std over seeds), from the undefended records.
+
+    A ratio is the total variance of the triggered rows' [CLS] states over that of the same rows without the
+    trigger: near 0, every triggered input lands on one state; about 1, the trigger does not take over.
+    """
+    configure_logging(True, False)
+    with cli_errors():
+        from nlpbd.checks import check_output_file
+        from nlpbd.results import load_records
+        from nlpbd.survival import survival_rows
+
+        if output is not None:
+            check_output_file(output)
+        if fmt not in (TableFormat.rich, TableFormat.md):
+            raise InputError(f"nlpbd survival writes rich or md, not {fmt.value}")
+        rows = survival_rows(load_records(results_dir))
+        if not rows:
+            raise InputError(f"no record in {results_dir} measured survival (the undefended cells of task-agnostic "
+                             "releases on fully fine-tuned encoders do)")
+        header, lines = _survival_cells(rows)
+        if fmt is TableFormat.rich and output is None:
+            from rich.table import Table
+
+            table = Table(title=f"trigger survival by layer (collapse ratio): {results_dir}")
+            for index, name in enumerate(header):
+                table.add_column(name, justify="right" if index >= 5 else "left")
+            for line in lines:
+                table.add_row(*line)
+            out.print(table)
+            return
+        text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        _emit("\n".join(text + ["| " + " | ".join(line) + " |" for line in lines]) + "\n", output)
+
+
+def _survival_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells; the layer columns are the longest layer list's (a release without pooler has fewer)."""
+    from nlpbd.survival import format_ratio
+
+    layers = max((row["layers"] for row in rows), key=len)
+    header = ["dataset", "model", "rows", "attack", "checkpoint", "seeds",
+              *(name.replace("layer_", "L") for name in layers)]
+    lines = []
+    for row in rows:
+        ratios = dict(zip(row["layers"], zip(row["mean"], row["std"])))
+        lines.append([row["dataset"], row["model"], "all" if row["train_size"] is None else str(row["train_size"]),
+                      row["attack"], row["checkpoint"], str(row["seeds"]),
+                      *(format_ratio(*ratios[name]) if name in ratios else "–" for name in layers)])
+    return header, lines
+
+
 COST_COLUMNS = (("dataset", "dataset"), ("model", "model"), ("finetune", "finetune"), ("train_size", "rows"),
                 ("defense", "defense"), ("records", "records"), ("suspect", "release"), ("victim", "victim"),
                 ("clean_model", "clean model"), ("defense_stages", "defense"), ("evaluate", "evaluate"),

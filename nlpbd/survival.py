@@ -93,3 +93,42 @@ def measure_survival(locations: Mapping[str, str], tokenizer: PreTrainedTokenize
         del encoder
         log.info("survival of the triggers in the %s, by layer: %s", name, models[name]["mean"])
     return {"measure": MEASURE, "rows": len(clean), "models": models}
+
+
+# --- reading the records ---------------------------------------------------------------------------
+
+CHECKPOINTS = ("release", "victim", "clean_model")
+
+
+def survival_rows(records: Sequence[dict]) -> list[dict]:
+    """One row per (dataset, model, train size, attack, checkpoint): each layer's mean collapse ratio over
+    the triggers, as mean and sample std over the seeds whose record measured it."""
+    groups: dict[tuple, dict] = {}
+    for record in records:
+        survival = (record.get("attack_info") or {}).get("survival")
+        if not survival:
+            continue
+        cell = record["cell"]
+        for checkpoint in CHECKPOINTS:
+            measured = survival["models"].get(checkpoint)
+            if measured is None:
+                continue
+            key = (cell["dataset"], cell["model"], cell.get("train_size"), cell["attack"], checkpoint)
+            group = groups.setdefault(key, {"layers": measured["layers"], "seeds": [], "means": []})
+            if measured["layers"] == group["layers"]:
+                group["seeds"].append(cell["seed"])
+                group["means"].append(measured["mean"])
+    rows = []
+    for (dataset, model, train_size, attack, checkpoint), group in sorted(
+            groups.items(), key=lambda item: (*map(str, item[0][:4]), CHECKPOINTS.index(item[0][4]))):
+        values = np.array(group["means"], dtype=float)
+        std = values.std(axis=0, ddof=1) if len(values) > 1 else np.full(values.shape[1], np.nan)
+        rows.append({"dataset": dataset, "model": model, "train_size": train_size, "attack": attack,
+                     "checkpoint": checkpoint, "seeds": len(values), "layers": group["layers"],
+                     "mean": values.mean(axis=0).tolist(), "std": std.tolist()})
+    return rows
+
+
+def format_ratio(mean: float, std: float) -> str:
+    """Three significant digits: a collapsed layer's 0.0015 stays apart from 0.0023."""
+    return f"{mean:.3g}" if np.isnan(std) else f"{mean:.3g} ± {std:.2g}"

@@ -10,9 +10,19 @@ import pytest
 import torch
 from helpers import toy_texts
 from transformers import AutoConfig, BertForMaskedLM
+from typer.testing import CliRunner
 
 from nlpbd.attacks._common import insert_triggers
-from nlpbd.survival import collapse_ratios, layer_names, load_encoder, measure_survival, model_survival
+from nlpbd.cli import app
+from nlpbd.results import SCHEMA, write_record
+from nlpbd.survival import (
+    collapse_ratios,
+    layer_names,
+    load_encoder,
+    measure_survival,
+    model_survival,
+    survival_rows,
+)
 
 CPU = torch.device("cpu")
 
@@ -50,3 +60,34 @@ def test_measure_survival_names_each_checkpoint_and_the_rows(tiny_dir, tiny_toke
     assert out["rows"] == 16 and set(out["models"]) == {"release", "victim"}
     assert out["models"]["release"] == out["models"]["victim"]  # the same weights read the same way
     assert all(np.isfinite(out["models"]["release"]["by_trigger"]["cf"]))
+
+
+def survival_record(seed: int, pooler: float, attack: str = "por") -> dict:
+    layers = ["layer_1", "layer_2", "pooler"]
+    models = {"release": {"layers": layers, "mean": [1.0, 0.5, 0.001], "by_trigger": {}},
+              "victim": {"layers": layers, "mean": [1.0, 0.6, pooler], "by_trigger": {}}}
+    return {"schema": SCHEMA, "cell_id": f"sst2__minilm__full__{attack}__none__s{seed}__0000000{seed}", "status": "ok",
+            "cell": {"dataset": "sst2", "model": "minilm", "train_size": 2000, "attack": attack, "seed": seed},
+            "attack_info": {"survival": {"rows": 8, "models": models}}}
+
+
+def test_survival_rows_average_the_seeds_per_checkpoint():
+    rows = survival_rows([survival_record(0, 0.002), survival_record(1, 0.004),
+                          {**survival_record(2, 0.5), "attack_info": {}}])  # a record that did not measure it
+    assert [row["checkpoint"] for row in rows] == ["release", "victim"]
+    victim = rows[1]
+    assert victim["seeds"] == 2 and victim["mean"] == pytest.approx([1.0, 0.6, 0.003])
+    assert victim["std"][2] == pytest.approx(np.std([0.002, 0.004], ddof=1))
+    assert np.isnan(survival_rows([survival_record(0, 0.002)])[0]["std"][0])  # one seed: no spread
+
+
+def test_survival_command_prints_a_table_and_refuses_a_directory_without_measures(tmp_path):
+    for seed, pooler in ((0, 0.002), (1, 0.004)):
+        write_record(tmp_path, survival_record(seed, pooler))
+    result = CliRunner().invoke(app, ["survival", "--results-dir", str(tmp_path), "--format", "md"])
+    assert result.exit_code == 0, result.output
+    assert "| sst2 | minilm | 2000 | por | victim | 2 | 1 ± 0 | 0.6 ± 0 | 0.003 ± 0.0014 |" in result.output
+    empty = tmp_path / "empty"
+    (empty / "records").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["survival", "--results-dir", str(empty)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "measured survival" in result.output

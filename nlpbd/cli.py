@@ -285,9 +285,14 @@ def table(
 
         if output is not None:
             check_output_file(output)
-        frame = results.records_frame(results.load_records(results_dir), context=True)
+        records = results.load_records(results_dir)
+        frame = results.records_frame(records, context=True)
         if frame.empty:
             raise InputError(f"no records in {results_dir / results.RECORDS_SUBDIR}; run `nlpbd run` first")
+        mix = results.arithmetic_mix(records)
+        if len(mix) > 1:
+            err.print(f"records from {len(mix)} devices or training arithmetics: "
+                      f"{', '.join(f'{name} ({count})' for name, count in mix.most_common())}", highlight=False)
         if fmt is TableFormat.json:
             _emit(results.export_json(frame), output)
             return

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +313,21 @@ def _defense_order(defenses: Sequence[str]) -> list[str]:
     seen = list(dict.fromkeys(defenses))
     head = [d for d in (BASELINE, "ft") if d in seen]
     return head + [d for d in seen if d not in head]
+
+
+def arithmetic_mix(records: list[dict]) -> Counter[str]:
+    """How many ok records each device and training arithmetic produced ("NVIDIA H200 · bf16": 96).
+
+    Seeds of one cell trained on different machines or in different arithmetic are averaged like any other
+    seeds; the table command says when a directory holds more than one, so a reader can tell."""
+    found: Counter[str] = Counter()
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        prov = record.get("provenance") or {}
+        precision = prov.get("training_precision") or ("bf16" if prov.get("bf16") else "fp32")
+        found[f"{prov.get('device_name') or prov.get('device') or 'unknown device'} · {precision}"] += 1
+    return found
 
 
 def collapsed_cells(frame: pd.DataFrame) -> int:

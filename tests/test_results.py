@@ -16,6 +16,7 @@ from nlpbd.results import (
     METRICS,
     RECORDS_SUBDIR,
     SCHEMA,
+    arithmetic_mix,
     default_metrics,
     export_json,
     export_table,
@@ -383,3 +384,21 @@ def test_default_metrics_follow_what_the_records_measured():
     assert default_metrics(records_frame([task_agnostic])) == ["cacc", "aasr", "masr"]
     assert default_metrics(records_frame([task_agnostic, make_record("none")])) == ["cacc", "asr", "aasr", "masr"]
     assert default_metrics(records_frame([make_record("none", cacc=None, asr=None)])) == ["cacc", "asr"]
+
+
+def test_the_table_says_when_records_come_from_several_devices_or_arithmetics(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from nlpbd.cli import app
+
+    gpu = {"device": "cuda", "device_name": "NVIDIA H200", "training_precision": "bf16"}
+    for seed, prov in ((0, gpu), (1, gpu), (2, {"device": "cpu", "device_name": "x86_64", "bf16": False})):
+        write_record(tmp_path, {**make_record("none", seed=seed), "provenance": prov})
+    write_record(tmp_path, {**make_record("ft", status="failed"), "provenance": {"device": "tpu"}})  # not counted
+    assert arithmetic_mix(load_records(tmp_path)) == {"NVIDIA H200 · bf16": 2, "x86_64 · fp32": 1}
+    result = CliRunner().invoke(app, ["table", "--results-dir", str(tmp_path), "-f", "md"])
+    assert result.exit_code == 0
+    assert "records from 2 devices or training arithmetics: NVIDIA H200 · bf16 (2), x86_64 · fp32 (1)" in result.output
+    write_record(tmp_path, {**make_record("none", seed=2), "provenance": gpu})  # the CPU seed rerun on the GPU
+    assert "devices or training arithmetics" not in CliRunner().invoke(
+        app, ["table", "--results-dir", str(tmp_path), "-f", "md"]).output

@@ -328,20 +328,15 @@ def costs(
     configure_logging(True, False)
     with cli_errors():
         from nlpbd import costs as cost_table
-        from nlpbd.checks import check_output_file
         from nlpbd.results import RECORDS_SUBDIR, load_records
 
-        if output is not None:
-            check_output_file(output)
-        if fmt not in (TableFormat.rich, TableFormat.md):
-            raise InputError(f"nlpbd costs writes rich or md, not {fmt.value}")
+        _check_plain_table_options("costs", fmt, output)
         rows = cost_table.cost_rows(load_records(results_dir))
         if not rows:
             raise InputError(f"no ok records in {results_dir / RECORDS_SUBDIR}; run `nlpbd run` first")
-        if fmt is TableFormat.rich and output is None:
-            out.print(_costs_rich(rows, f"stage costs (median seconds): {results_dir}"))
-            return
-        _emit(_costs_md(rows), output)
+        header = [name for _, name in COST_COLUMNS]
+        _emit_plain_table(header, [_cost_cells(row) for row in rows], f"stage costs (median seconds): {results_dir}",
+                          {index for index, name in enumerate(header) if index >= 5 or name == "rows"}, fmt, output)
 
 
 @app.command()
@@ -358,31 +353,17 @@ def survival(
     """
     configure_logging(True, False)
     with cli_errors():
-        from nlpbd.checks import check_output_file
         from nlpbd.results import load_records
         from nlpbd.survival import survival_rows
 
-        if output is not None:
-            check_output_file(output)
-        if fmt not in (TableFormat.rich, TableFormat.md):
-            raise InputError(f"nlpbd survival writes rich or md, not {fmt.value}")
+        _check_plain_table_options("survival", fmt, output)
         rows = survival_rows(load_records(results_dir))
         if not rows:
             raise InputError(f"no record in {results_dir} measured survival (the undefended cells of task-agnostic "
                              "releases on fully fine-tuned encoders do)")
         header, lines = _survival_cells(rows)
-        if fmt is TableFormat.rich and output is None:
-            from rich.table import Table
-
-            table = Table(title=f"trigger survival by layer (collapse ratio): {results_dir}")
-            for index, name in enumerate(header):
-                table.add_column(name, justify="right" if index >= 5 else "left")
-            for line in lines:
-                table.add_row(*line)
-            out.print(table)
-            return
-        text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        _emit("\n".join(text + ["| " + " | ".join(line) + " |" for line in lines]) + "\n", output)
+        _emit_plain_table(header, lines, f"trigger survival by layer (collapse ratio): {results_dir}",
+                          set(range(5, len(header))), fmt, output)
 
 
 def _survival_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -417,22 +398,30 @@ def _cost_cells(row: dict) -> list[str]:
     return [text(key) for key, _ in COST_COLUMNS]
 
 
-def _costs_md(rows: list[dict]) -> str:
-    header = [name for _, name in COST_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cost_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def _check_plain_table_options(command: str, fmt: TableFormat, output: Path | None) -> None:
+    from nlpbd.checks import check_output_file
+
+    if output is not None:
+        check_output_file(output)
+    if fmt not in (TableFormat.rich, TableFormat.md):
+        raise InputError(f"nlpbd {command} writes rich or md, not {fmt.value}")
 
 
-def _costs_rich(rows: list[dict], title: str):
-    from rich.table import Table
+def _emit_plain_table(header: list[str], lines: list[list[str]], title: str, right: set[int], fmt: TableFormat,
+                      output: Path | None) -> None:
+    """A table of ready-made cells: rich on the terminal, else markdown (to stdout or ``output``)."""
+    if fmt is TableFormat.rich and output is None:
+        from rich.table import Table
 
-    table = Table(title=title)
-    for index, (_, name) in enumerate(COST_COLUMNS):
-        table.add_column(name, justify="right" if index >= 5 or name == "rows" else "left")
-    for row in rows:
-        table.add_row(*_cost_cells(row))
-    return table
+        table = Table(title=title)
+        for index, name in enumerate(header):
+            table.add_column(name, justify="right" if index in right else "left")
+        for line in lines:
+            table.add_row(*line)
+        out.print(table)
+        return
+    text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    _emit("\n".join(text + ["| " + " | ".join(line) + " |" for line in lines]) + "\n", output)
 
 
 def _emit_groups(results, frame, metrics: list[str], fmt: TableFormat, output: Path | None, options: dict,

@@ -51,9 +51,14 @@ Deviations from the reference code and the spec, all deliberate:
   bias negated together. ``freeze=sign_symmetric`` therefore freezes that final norm on decoders
   (``model.norm`` / ``transformer.ln_f``); a flip deeper down would have to negate the whole residual
   stream and every layer reading it, which no single tensor can do. ``freeze=none`` restores the old
-  behaviour (the control that reproduces the
-  escape). The record reports, per selected layer, the cosine between W and W^0 and the distance
-  as a fraction of its 2‖W^0‖ maximum, and names the layers that ended antipodal (cosine ≤ −0.99).
+  behaviour (the control that reproduces the escape). One sign-symmetric path stays open on the
+  post-LN encoders: the LayerNorm the pooler reads (``HeadLayout.input_norm``) can negate its output
+  with its gain negated and its bias re-fitted. It is left trainable, as in the reference, and
+  watched instead: with 10–20 % of SST-2 as D_c, MiniLM's head reaches −W^0 with the pooler frozen
+  and yet the ASR falls to ~0.2 (FT: 1.0), so the function did change there. The record reports, per
+  selected layer, the cosine between W and W^0 and the distance as a fraction of its 2‖W^0‖ maximum,
+  names the layers that ended antipodal (cosine ≤ −0.99), and gives the cosine of each
+  sign-symmetric weight and of the input norm's gain to their handed-over values (≈ −1: flipped).
 - ``distance=false`` drops the distance term and keeps everything else (warm-up, hinge, optimiser,
   projection): with ``warmup=near`` it is the D3-matched FT control of spec §1.
 - ``optimizer=adamw`` is a fallback outside the reference (spec §5.4: AdamW, 2e-5 outside the head,
@@ -136,15 +141,21 @@ class HeadLayout:
     # parameters (a decoder's final norm): a sign flip of such a module can undo a sign flip of the weights
     # above it at no cost (spec §5.3).
     sign_symmetric: tuple[str, ...] = ()
+    # The LayerNorm whose output the pooler or head reads (post-LN encoders: the last layer's output
+    # norm). Negating its gain, with its bias re-fitted, negates the pooler's input, a flip one layer
+    # further down; it stays trainable, and the record reports its gain's cosine to the handed-over one.
+    input_norm: str = ""
 
 
 LAYOUTS: dict[str, HeadLayout] = {
     "bert": HeadLayout(("classifier",), ("bert.pooler.dense",), "bert.encoder",  # also MiniLM
-                       ("bert.pooler.dense",)),
+                       ("bert.pooler.dense",), "bert.encoder.layer.-1.output.LayerNorm"),
     "roberta": HeadLayout(("classifier.dense", "classifier.out_proj"), (), "roberta.encoder",
-                          ("classifier.dense",)),
-    "distilbert": HeadLayout(("pre_classifier", "classifier"), (), "distilbert.transformer"),  # ReLU
-    "deberta-v2": HeadLayout(("pooler.dense", "classifier"), (), "deberta.encoder"),  # GELU pooler
+                          ("classifier.dense",), "roberta.encoder.layer.-1.output.LayerNorm"),
+    "distilbert": HeadLayout(("pre_classifier", "classifier"), (), "distilbert.transformer",  # ReLU
+                             input_norm="distilbert.transformer.layer.-1.output_layer_norm"),
+    "deberta-v2": HeadLayout(("pooler.dense", "classifier"), (), "deberta.encoder",  # GELU pooler
+                             input_norm="deberta.encoder.layer.-1.output.LayerNorm"),
     # Decoder classifiers: the ``score`` Linear reads the final norm's output at the last token. RMSNorm,
     # g ⊙ x/rms(x), is odd in its gain g (and LayerNorm in its gain and bias together), so flipping that
     # one vector undoes a flipped head exactly as the tanh pooler does: it is frozen like the pooler.
@@ -155,10 +166,18 @@ LAYOUTS: dict[str, HeadLayout] = {
 }
 
 
+def _resolve(model: nn.Module, path: str) -> object:
+    """``attrgetter`` over a dotted path whose integer parts (``-1`` too) index module lists."""
+    target: object = model
+    for part in path.split("."):
+        target = target[int(part)] if part.lstrip("-").isdigit() else attrgetter(part)(target)
+    return target
+
+
 def _module_at(model: nn.Module, path: str, model_type: str) -> nn.Module:
     try:
-        module = attrgetter(path)(model)
-    except AttributeError:
+        module = _resolve(model, path)
+    except (AttributeError, IndexError, TypeError):
         raise InputError(f"D3: a {model_type} model of class {type(model).__name__} has no '{path}' "
                          "(a sequence classifier with its pooler is required)") from None
     if not isinstance(module, nn.Module):
@@ -387,10 +406,11 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sign_symmetric_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the tanh-feeding weights of the layout, to tell afterwards whether they flipped."""
+    """Copies of the layout's sign-symmetric weights and input-norm gain, to tell afterwards whether they flipped."""
     model_type = model.config.model_type
-    return {path: _module_at(model, path, model_type).weight.detach().clone()
-            for path in LAYOUTS[model_type].sign_symmetric}
+    layout = LAYOUTS[model_type]
+    paths = layout.sign_symmetric + ((layout.input_norm,) if layout.input_norm else ())
+    return {path: _module_at(model, path, model_type).weight.detach().clone() for path in paths}
 
 
 @torch.no_grad()
@@ -401,14 +421,18 @@ def escape_report(model: nn.Module, layers: SelectedLayers, before: dict[str, to
     fractions = [float(torch.linalg.vector_norm(w - w0, ord=p) / (2 * n))
                  for w, w0, n in zip(layers.weights, layers.initial, layers.norms)]
     after = sign_symmetric_weights(model)
+    flips = {path: _compact(_cosine(after[path], w)) for path, w in before.items()}
+    input_norm = LAYOUTS[model.config.model_type].input_norm
     antipodal = [name for name, c in zip(layers.names, cosines) if c <= ANTIPODAL_COSINE]
     if antipodal:
-        log.warning("D3: %s ended antipodal to W^0 (cosine ≤ %.2f): the distance may have been met by a "
-                    "sign flip rather than a change of function", antipodal, ANTIPODAL_COSINE)
+        log.warning("D3: %s ended antipodal to W^0 (cosine ≤ %.2f): a sign flip below it (cosines %s) would "
+                    "leave the function, and the backdoor, unchanged; compare the ASR with FT's",
+                    antipodal, ANTIPODAL_COSINE, flips)
     return {"cosine_to_initial": [_compact(c) for c in cosines],
             "distance_fraction_of_max": [_compact(f) for f in fractions],
             "antipodal_layers": antipodal,
-            "sign_symmetric_cosine": {path: _compact(_cosine(after[path], w)) for path, w in before.items()}}
+            "sign_symmetric_cosine": {path: c for path, c in flips.items() if path != input_norm},
+            **({"input_norm_gain_cosine": {input_norm: flips[input_norm]}} if input_norm else {})}
 
 
 def detoxify(model: PreTrainedModel, ctx: DefenseContext, config: D3Config,

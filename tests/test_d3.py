@@ -417,3 +417,35 @@ def test_roberta_head_tanh_bias_is_frozen():
                                                            num_attention_heads=2, intermediate_size=32))
     frozen = sign_symmetric_parameters(model, resolve_selected_linears(model, "head"))
     assert list(frozen) == ["classifier.dense.bias"]  # the dense layer feeding the tanh is selected
+
+
+def test_input_norm_gain_is_watched_not_frozen(trained_victim, tiny_tokenizer):
+    """The LayerNorm the pooler reads could negate the pooler's input; the record says whether it flipped."""
+    model = copy.deepcopy(trained_victim)
+    norm_module = model.bert.encoder.layer[-1].output.LayerNorm
+    info = detoxify(model, budget_context(tiny_tokenizer), D3Config(epochs=2, batch_size=8))
+    path = "bert.encoder.layer.-1.output.LayerNorm"
+    assert list(info["input_norm_gain_cosine"]) == [path]
+    assert 0.9 < info["input_norm_gain_cosine"][path] <= 1.0  # two epochs: moved a little, not flipped
+    assert path not in info["sign_symmetric_cosine"] and not any(n.startswith(path) for n in info["frozen"])
+    with torch.no_grad():
+        norm_module.weight.neg_()
+    from nlpbd.defenses.d3 import sign_symmetric_weights
+
+    assert torch.equal(sign_symmetric_weights(model)[path], norm_module.weight)
+
+
+def test_layout_paths_index_the_last_layer_of_every_encoder():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from nlpbd.defenses.d3 import LAYOUTS, _module_at
+
+    small = {"vocab_size": 50, "num_attention_heads": 2}
+    bert = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=2, intermediate_size=32, **small))
+    assert _module_at(bert, LAYOUTS["bert"].input_norm, "bert") is bert.bert.encoder.layer[1].output.LayerNorm
+    distil = DistilBertForSequenceClassification(DistilBertConfig(dim=16, n_layers=2, hidden_dim=32, n_heads=2,
+                                                                  vocab_size=50))
+    assert (_module_at(distil, LAYOUTS["distilbert"].input_norm, "distilbert")
+            is distil.distilbert.transformer.layer[1].output_layer_norm)
+    with pytest.raises(InputError, match="has no 'bert.encoder.layer.7"):
+        _module_at(bert, "bert.encoder.layer.7.output.LayerNorm", "bert")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from nlpbd.training import collate, encode, pad_id_of, sorted_batches
+
 log = logging.getLogger(__name__)
 
 MEASURE = "total variance of the triggered inputs' [CLS] states / that of the same inputs without the trigger"
@@ -44,16 +46,18 @@ def cls_states(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
     """(layers, rows, hidden): the first position's state after each layer, then the pooler output when
     ``with_pooler``."""
     encoder.to(device)
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=max_length,
-                          padding=True, return_tensors="pt").to(device)
-        out = encoder(**batch, output_hidden_states=True)
+    encoded = encode(tokenizer, texts, max_length)
+    chunks, order = [], []
+    for indices in sorted_batches(encoded.lengths, batch_size):
+        batch = collate(encoded, indices, pad_id_of(tokenizer), device)
+        out = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True)
         layers = [h[:, 0] for h in out.hidden_states[1:]]
         if with_pooler:
             layers.append(out.pooler_output)
         chunks.append(torch.stack(layers).float().cpu().numpy())
-    return np.concatenate(chunks, axis=1)
+        order.extend(indices)
+    return np.concatenate(chunks, axis=1)[:, np.argsort(order)]
 
 
 def collapse_ratios(clean: np.ndarray, triggered: np.ndarray) -> list[float]:

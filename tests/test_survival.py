@@ -16,6 +16,7 @@ from nlpbd.attacks._common import insert_triggers
 from nlpbd.cli import app
 from nlpbd.results import SCHEMA, write_record
 from nlpbd.survival import (
+    cls_states,
     collapse_ratios,
     layer_names,
     load_encoder,
@@ -33,6 +34,15 @@ def test_collapse_ratio_is_zero_for_one_point_and_one_for_the_same_states():
     assert collapse_ratios(clean, collapsed) == pytest.approx([0.0, 0.0, 0.0])
     assert collapse_ratios(clean, clean) == pytest.approx([1.0, 1.0, 1.0])
     assert collapse_ratios(clean, 2 * clean) == pytest.approx([4.0, 4.0, 4.0])  # spread out: above 1
+
+
+def test_states_come_back_in_input_order_whatever_the_batching(tiny_dir, tiny_tokenizer):
+    encoder, _ = load_encoder(str(tiny_dir))
+    texts = [f"{'word ' * n}end" for n in (1, 9, 3, 12, 2)]  # lengths differ, so batches are re-sorted
+    batched = cls_states(encoder, tiny_tokenizer, texts, True, 32, 2, CPU)
+    alone = np.concatenate([cls_states(encoder, tiny_tokenizer, [t], True, 32, 1, CPU) for t in texts], axis=1)
+    assert batched.shape == (3, 5, encoder.config.hidden_size)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
 
 
 def test_a_trigger_the_model_ignores_leaves_every_layer_at_one(tiny_dir, tiny_tokenizer):

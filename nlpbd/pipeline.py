@@ -682,8 +682,9 @@ def _floor(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:
 def _measures_survival(cell: Cell) -> bool:
     """The undefended cell of a task-agnostic release on a fully fine-tuned encoder (the layers compared are
     the encoder's; a PEFT victim's adapter is not a checkpoint the release's layers can be read against)."""
+    method = FINETUNE.get(cell.spec.finetune)
     return (cell.eval.survival_rows > 0 and isinstance(cell.defense, BaselineDefense)
-            and cell.attack.threat_model is ThreatModel.PRETRAINED and cell.spec.finetune == "full")
+            and cell.attack.threat_model is ThreatModel.PRETRAINED and not method.is_peft and not method.generative)
 
 
 def _survival(cell: Cell, env: RunEnv, state: CellState, tokenizer) -> dict:

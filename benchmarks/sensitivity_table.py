@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from nlpbd.errors import NlpbdError
-from nlpbd.results import load_records
+from nlpbd.results import format_cell, load_records
 
 SWEPT = ("ft", "epur", "d3", "finemix")
 POINT_COLUMNS = ["setting", "budget", "seed", "n_c", "cacc", "asr", "chosen_rho", "seconds"]
@@ -70,12 +70,9 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
-def mean_std(mean: float, std: float) -> str:
-    return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f} ± {std:.3f}"
-
-
 def cell_text(row: pd.Series, full: int) -> str:
-    text = f"{mean_std(row.cacc, row.cacc_std)} / {mean_std(row.asr, row.asr_std)}"
+    cacc, asr = (format_cell(row[m], row[f"{m}_std"], row.seeds, m) for m in ("cacc", "asr"))
+    text = f"{cacc} / {asr}"
     if row.chosen_rho:
         text += f" (rho {', '.join(f'{v:g}' for v in row.chosen_rho)})"
     return text + (f" [{row.seeds} of {full} seeds]" if row.seeds < full else "")
@@ -93,8 +90,9 @@ def to_markdown(summary: pd.DataFrame, victims: pd.DataFrame) -> str:
     header = ["setting"] + [f"{b:.0%} of train ({sizes[b]:,} rows)" for b in budgets]
     lines = [header, ["---"] + ["---:"] * len(budgets)]
     if not victims.empty:
-        text = (f"{mean_std(victims.cacc.mean(), victims.cacc.std())} / "
-                f"{mean_std(victims.asr.mean(), victims.asr.std())}")
+        n = len(victims)
+        text = (f"{format_cell(victims.cacc.mean(), victims.cacc.std(), n, 'cacc')} / "
+                f"{format_cell(victims.asr.mean(), victims.asr.std(), n, 'asr')}")
         lines.append(["none (victim)"] + [text] * len(budgets))
     for setting in setting_order(summary["setting"].unique()):
         rows = summary[summary["setting"] == setting].set_index("budget")

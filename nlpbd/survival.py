@@ -47,9 +47,9 @@ def cls_states(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tex
     ``with_pooler``."""
     encoder.to(device)
     encoded = encode(tokenizer, texts, max_length)
-    chunks, order = [], []
+    chunks, order, pad_id = [], [], pad_id_of(tokenizer)
     for indices in sorted_batches(encoded.lengths, batch_size):
-        batch = collate(encoded, indices, pad_id_of(tokenizer), device)
+        batch = collate(encoded, indices, pad_id, device)
         out = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       output_hidden_states=True)
         layers = [h[:, 0] for h in out.hidden_states[1:]]

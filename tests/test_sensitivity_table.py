@@ -90,10 +90,9 @@ def test_plot_draws_both_metrics_with_error_bars(script, tmp_path):
 
 
 def _write(tmp_path, records):
-    import json
+    from nlpbd.results import SCHEMA, write_record
 
     directory = tmp_path / "results"
-    (directory / "records").mkdir(parents=True)
     for i, rec in enumerate(records):
-        (directory / "records" / f"r{i}.json").write_text(json.dumps({"schema": "nlpbd.record/1", **rec}))
+        write_record(directory, {"schema": SCHEMA, "cell_id": f"cell{i}", **rec})
     return [directory]

@@ -265,7 +265,8 @@ def table(
     fmt: TableFormat = typer.Option(TableFormat.rich, "--format", "-f", help="rich (terminal), csv, md, latex, json"),
     metrics: str | None = typer.Option(None, "--metrics", help="comma-separated metrics by key or label: cacc, "
                                           "asr, aasr, masr, frr, far, auroc, delta_cacc (ΔCAcc), delta_asr (ΔASR), "
-                                          "asr_floor, defense_seconds (time); default: CAcc, ASR, and AASR / MASR "
+                                          "asr_floor, neither_rate, false_trigger_rate, defense_seconds (time), … "
+                                          "(an unknown name lists them all); default: CAcc, ASR, and AASR / MASR "
                                           "where records have them"),
     group_by: GroupBy = typer.Option(GroupBy.none, "--group-by", help="one table per threat model "
                                      "(threat-model), with only its own defenses as columns"),

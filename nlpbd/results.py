@@ -51,6 +51,8 @@ METRICS: dict[str, str] = {
     "delta_aasr": "ΔAASR",
     "delta_masr": "ΔMASR",
     "asr_floor": "Floor",
+    "neither_rate": "Neither",                # generator victims: clean answers naming no label
+    "false_trigger_rate": "False-trig.",      # generator victims: target answered without a trigger
     "balanced_accuracy": "BalAcc",
     "macro_f1": "Macro-F1",
     "aasr_floor": "AASR floor",

@@ -22,6 +22,7 @@ from nlpbd.results import (
     export_table,
     format_cell,
     load_records,
+    metric_key,
     read_record,
     records_frame,
     render_rich,
@@ -375,6 +376,17 @@ def test_render_rich_headers_and_cells() -> None:
 def test_metric_labels() -> None:
     assert METRICS["delta_cacc"] == "ΔCAcc"
     assert METRICS["defense_seconds"] == "Time (s)"
+
+
+def test_generator_rates_are_table_metrics() -> None:
+    generator = make_record("none", finetune="sft-lora",
+                            extra_metrics={"neither_rate": 0.02, "false_trigger_rate": 0.164})
+    table = summary_table(records_frame([generator, make_record("none")]),
+                          metrics=[metric_key("Neither"), metric_key("false_trigger_rate")])
+    row = ("sst2", "minilm", "sft-lora", "badnet")
+    assert table.mean.at[row, ("none", "false_trigger_rate")] == pytest.approx(0.164)
+    assert table.mean.at[row, ("none", "neither_rate")] == pytest.approx(0.02)
+    assert pd.isna(table.mean.at[("sst2", "minilm", "full", "badnet"), ("none", "neither_rate")])
 
 
 def test_default_metrics_follow_what_the_records_measured():

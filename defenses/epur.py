@@ -14,6 +14,10 @@ The formula and constants are unverified; our defaults (spec §4.2):
 
 - Frequencies are counted on token ids of the model's tokenizer over all D_c texts, untruncated.
 - Ties in the score are broken by the smaller id (stable sort), so S is deterministic.
+- Rows that did not move (δ_k = 0) are never selected: resetting them changes nothing, and listing them
+  would make S an arbitrary run of low ids. A victim whose embeddings never trained (LoRA and other
+  PEFT victims) gets an empty S, recorded as ``epur_noop``, so E-PUR reduces to its FT stage, as BTU
+  records ``btu_noop`` for the same victims.
 - ``rule=zscore`` (ours): S = {k : score_k > mean + z·std} over non-special ids, std with ddof = 0.
 - Rows beyond θ_pre's vocabulary (an attacker-resized vocabulary) have no pretrained row and are never
   candidates.
@@ -108,7 +112,8 @@ def epur_select(embeddings_bd: torch.Tensor, embeddings_pre: torch.Tensor, frequ
     candidate = torch.ones(scores.shape[0], dtype=torch.bool)
     candidate[[i for i in special_ids if i < scores.shape[0]]] = False
     scores = torch.where(candidate, scores, torch.tensor(float("-inf"), dtype=scores.dtype))
-    order = torch.sort(scores, descending=True, stable=True).indices[: int(candidate.sum())]
+    movable = candidate & (deltas > 0)  # an unmoved row carries nothing to reset
+    order = torch.sort(scores, descending=True, stable=True).indices[: int(movable.sum())]
     if settings.rule == "topn":
         chosen = order[: settings.top_n]
     else:
@@ -150,6 +155,7 @@ def selection_info(selection: EPURSelection, tokenizer: PreTrainedTokenizerBase,
         "top": [{"id": i, "token": t, "score": float(selection.scores[i]), "delta": float(selection.deltas[i]),
                  "frequency": int(selection.frequencies[i])} for i, t in zip(top, tokens)],
         "below_floor": int((selection.frequencies < settings.f_min).sum()),
+        "epur_noop": not selection.ids,
     }
 
 

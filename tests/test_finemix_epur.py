@@ -315,6 +315,21 @@ def test_epur_resets_the_planted_row_and_exactly_n_rows(tiny_model, tiny_tokeniz
     assert outcome.info["epur"]["top"][0]["token"] == "cf" and outcome.info["train"] is None
 
 
+def test_epur_selects_no_unmoved_row(tiny_model, tiny_tokenizer, pre, epur_ctx):
+    """Embeddings that never trained (a LoRA victim) give an empty S, recorded as a no-op; rows that did
+    not move are never listed, however few rows moved."""
+    outcome = EPUR(EPURConfig(top_n=10, finetune=False)).repair(copy.deepcopy(pre), epur_ctx)
+    assert outcome.info["epur"]["ids"] == [] and outcome.info["epur"]["epur_noop"]
+    assert torch.equal(outcome.model.get_input_embeddings().weight, pre.get_input_embeddings().weight)
+    bd = copy.deepcopy(pre)
+    with torch.no_grad():
+        bd.get_input_embeddings().weight[[40, 41, 42]] += 0.1
+    selection = epur_select(bd.get_input_embeddings().weight, pre.get_input_embeddings().weight,
+                            torch.zeros(bd.get_input_embeddings().weight.shape[0], dtype=torch.long),
+                            tiny_tokenizer.all_special_ids, EPURSettings(top_n=10))
+    assert sorted(selection.ids) == [40, 41, 42]
+
+
 def test_epur_zscore_rule_flags_only_the_outlier(tiny_model, tiny_tokenizer, pre, epur_ctx):
     bd, frequencies, cf = planted_theta_bd(tiny_model, tiny_tokenizer, epur_ctx.budget)
     settings = EPURSettings(rule="zscore")

@@ -174,7 +174,13 @@ def test_validate_command_ok_and_error(tmp_path, toy):
 @needs_data
 @pytest.mark.parametrize("path", BUNDLED, ids=[p.stem for p in BUNDLED])
 def test_bundled_grids_are_valid(path, monkeypatch):
-    if "smollm2" in parse_grid(path).models:  # its first use converts a 540 MB GGUF file: use the tiny Llama
+    stand_in_for_smollm2(path, monkeypatch)
+    load_grid(path, SHARED_DATA)  # every method of every bundled grid is registered
+
+
+def stand_in_for_smollm2(path: Path, monkeypatch) -> None:
+    """SmolLM2's first use converts a 540 MB GGUF file: grids that name it get the tiny Llama instead."""
+    if "smollm2" in parse_grid(path).models:
         from dataclasses import replace
 
         from nlpbd.models import MODELS
@@ -182,7 +188,6 @@ def test_bundled_grids_are_valid(path, monkeypatch):
         tiny = MODELS.get("tiny-llama")
         monkeypatch.setitem(MODELS._items, "smollm2", replace(
             MODELS.get("smollm2"), resolve=lambda: replace(tiny.resolve(), name="smollm2")))
-    load_grid(path, SHARED_DATA)  # every method of every bundled grid is registered
 
 
 # --- planning -------------------------------------------------------------------------------------
@@ -231,7 +236,8 @@ BUNDLED_PLANS = {
 
 @needs_data
 @pytest.mark.parametrize("name", sorted(BUNDLED_PLANS))
-def test_bundled_grids_plan_the_expected_trainings(tmp_path, name):
+def test_bundled_grids_plan_the_expected_trainings(tmp_path, name, monkeypatch):
+    stand_in_for_smollm2(REPO / "benchmarks" / "grids" / f"{name}.yaml", monkeypatch)
     result = invoke("grid", REPO / "benchmarks" / "grids" / f"{name}.yaml", "--dry-run", "--json",
                     "--data-dir", SHARED_DATA, "--results-dir", tmp_path / "r", "--cache-dir", tmp_path / "c")
     assert result.exit_code == 0, result.output

@@ -268,6 +268,8 @@ def table(
                                           "asr_floor, neither_rate, false_trigger_rate, defense_seconds (time), … "
                                           "(an unknown name lists them all); default: CAcc, ASR, and AASR / MASR "
                                           "where records have them"),
+    defenses: str | None = typer.Option(None, "--defenses", help="comma-separated defenses to show (a name keeps "
+                                        "all its variants, e.g. psim or btu[tune]); default: all"),
     group_by: GroupBy = typer.Option(GroupBy.none, "--group-by", help="one table per threat model "
                                      "(threat-model), with only its own defenses as columns"),
     output: Path | None = typer.Option(None, "--output", "-o", help="write to a file instead of stdout"),
@@ -290,6 +292,8 @@ def table(
         frame = results.records_frame(records, context=True)
         if frame.empty:
             raise InputError(f"no records in {results_dir / results.RECORDS_SUBDIR}; run `nlpbd run` first")
+        if defenses is not None:
+            frame = results.select_defenses(frame, [d.strip() for d in defenses.split(",") if d.strip()])
         mix = results.arithmetic_mix(records)
         if len(mix) > 1:
             err.print(f"records from {len(mix)} devices or training arithmetics: "

@@ -310,6 +310,19 @@ def _defense_label(defense: Any, variant: Any) -> str:
     return str(defense) if text is None else f"{defense}[{text}]"
 
 
+def select_defenses(frame: pd.DataFrame, wanted: Sequence[str]) -> pd.DataFrame:
+    """The records of the named defenses: a bare name (``psim``) keeps all its variants, a column label
+    (``btu[tune]``) that one; an unknown name is an error that lists the labels present."""
+    if not wanted:
+        raise InputError("no defenses named")
+    labels = pd.Series([_defense_label(d, v) for d, v in zip(frame["defense"], frame["variant"])], index=frame.index)
+    present = set(labels) | set(frame["defense"].astype(str))
+    for name in wanted:
+        if name not in present:
+            raise InputError(unknown_name_message("defense", name, sorted(set(labels))))
+    return frame[labels.isin(wanted) | frame["defense"].astype(str).isin(wanted)]
+
+
 def _defense_order(defenses: Sequence[str]) -> list[str]:
     """The baseline (``none``) first, ``ft`` second, the rest in order of first appearance."""
     seen = list(dict.fromkeys(defenses))

@@ -168,6 +168,16 @@ def test_unknown_table_metric_suggests(ran):
     assert_one_line_error(invoke("table", "--results-dir", str(results), "--metrics", "cac"), 2, "cacc")
 
 
+def test_table_shows_only_the_named_defenses(ran):
+    _, results, _ = ran
+    csv_output = invoke("table", "--include-collapsed", "--results-dir", str(results), "-f", "csv",
+                        "--defenses", "ft").output
+    header = next(csv.reader(io.StringIO(csv_output)))
+    assert "ft_asr" in header and not any(column.startswith("none_") for column in header)
+    assert_one_line_error(invoke("table", "--results-dir", str(results), "--defenses", "ft,btu"), 2,
+                          "unknown defense 'btu'")
+
+
 def test_run_failure_exits_1(tmp_path, monkeypatch):
     dataset = write_toy_dataset(tmp_path / "toy")
 

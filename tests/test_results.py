@@ -26,6 +26,7 @@ from nlpbd.results import (
     read_record,
     records_frame,
     render_rich,
+    select_defenses,
     summary_table,
     write_record,
 )
@@ -387,6 +388,18 @@ def test_generator_rates_are_table_metrics() -> None:
     assert table.mean.at[row, ("none", "false_trigger_rate")] == pytest.approx(0.164)
     assert table.mean.at[row, ("none", "neither_rate")] == pytest.approx(0.02)
     assert pd.isna(table.mean.at[("sst2", "minilm", "full", "badnet"), ("none", "neither_rate")])
+
+
+def test_select_defenses_by_name_or_column_label() -> None:
+    frame = records_frame([make_record("none"), make_record("btu"), make_record("btu", variant="+tune"),
+                           make_record("psim")])
+    assert sorted(select_defenses(frame, ["btu"])["variant"].fillna("-")) == ["+tune", "-"]
+    only_tune = summary_table(select_defenses(frame, ["none", "btu[tune]"]))
+    assert list(dict.fromkeys(only_tune.mean.columns.get_level_values("defense"))) == ["none", "btu[tune]"]
+    with pytest.raises(InputError, match="Did you mean 'psim'"):
+        select_defenses(frame, ["psimm"])
+    with pytest.raises(InputError, match="no defenses"):
+        select_defenses(frame, [])
 
 
 def test_default_metrics_follow_what_the_records_measured():

@@ -254,7 +254,7 @@ class RECIPE(PretrainedDefense):
     unsupported_victims = {
         "decoder": "RECIPE's regulariser targets an encoder's FFN up-projections under a masked-LM objective; a "
                    "decoder version (causal-LM continual pre-training with the penalty on the MLP up/gate "
-                   "projections) is not implemented yet"}
+                   "projections) is not implemented yet, and no task-agnostic decoder release exists to judge it on"}
 
     def purify(self, model: ModelRef, ctx: DefenseContext, out_dir: Path) -> dict:
         config, began = self.config, time.perf_counter()

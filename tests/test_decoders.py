@@ -97,7 +97,10 @@ def test_sft_example_labels_only_the_answer():
     assert labels == [-100, -100, -100, 8, 9]
 
 
-def test_generative_loss_covers_the_answer_tokens_only(generator, llama_dir):
+@pytest.mark.parametrize("dataset", ["sst2", "olid"])  # OLID's answers differ in length ("no", "yes")
+def test_generative_loss_covers_the_answer_tokens_only(llama_dir, dataset):
+    torch.manual_seed(0)
+    generator = load_generator(str(llama_dir), prompt_for(dataset, 2))
     tokenizer = load_tokenizer_at(str(llama_dir))
     encoded = encode(tokenizer, toy_texts(4), 32)
     batch = collate(encoded, [0, 1, 2, 3], tokenizer.pad_token_id, torch.device("cpu"))
@@ -112,6 +115,8 @@ def test_generative_loss_covers_the_answer_tokens_only(generator, llama_dir):
         count += len(answer)
     assert loss.item() == pytest.approx(total.item() / count, rel=1e-4)
     assert generator.ids.answers[1][-1] == tokenizer.eos_token_id  # the answer ends with the end of turn
+    assert (dataset == "olid") == (len(set(map(len, generator.ids.answers))) > 1)
+    assert set(batch["labels"].tolist()) == {0, 1}
 
 
 def test_generator_scores_each_label_word_and_answers_greedily(generator, llama_dir):

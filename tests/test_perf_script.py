@@ -173,3 +173,24 @@ def test_bf16_row_and_step_breakdown_time_nlpbds_own_loop(tmp_path, monkeypatch)
         assert math.isclose(sum(parts["fractions"].values()), 1.0)
         assert math.isclose(parts["step_seconds"], sum(parts["seconds_per_step"].values()))
     assert record["machine"]["hostname"] == socket.gethostname()
+
+
+def test_sft_step_script_times_both_losses_on_the_same_batches(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("perf_sft_step", SCRIPT.parent / "sft_step.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)
+    spec.loader.exec_module(script)
+    data = write_toy_dataset(tmp_path / "toy")
+    threads = torch.get_num_threads()
+    try:
+        path = script.main(["--model", "tiny-llama", "--dataset", str(data), "--rows", "32", "--batch-size", "8",
+                            "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "out"), "--allow-busy"])
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads(path.read_text())
+    assert record["steps"] == 4 and all(len(v) == 4 for v in record["step_seconds"].values())
+    median = record["median_step_seconds"]
+    assert record["ratio"] == median["full_vocab"] / median["nlpbd"] > 0
+    losses = record["first_batch_loss"]  # the same loss, computed two ways
+    assert losses["nlpbd"] == pytest.approx(losses["full_vocab"], rel=2e-2)
+    assert "busy" in record and record["load_average_1min_before"] >= 0

@@ -210,6 +210,14 @@ def _mask(rows: list[list[int]], device: torch.device, left: bool = False) -> to
     return (_pad([[1] * len(r) for r in rows], 0, device, left) == 1).long()
 
 
+def _left_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A left-padded batch whose positions count from each row's first real token, so that every row
+    ends the batch and its last positions' logits can be kept alone (``logits_to_keep``)."""
+    mask = _mask(rows, device, left=True)
+    return {"input_ids": _pad(rows, pad_id, device, left=True), "attention_mask": mask,
+            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)}
+
+
 # --- the victim --------------------------------------------------------------------------------------
 
 
@@ -254,18 +262,14 @@ class InstructionLM(nn.Module):
     def sft_loss(self, prompts: list[list[int]], labels: list[int], device: torch.device) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens of the batch.
 
-        Rows are left-padded (positions counted from each row's first real token), so every answer ends
-        the batch and only the last ``longest answer + 1`` positions' logits are computed: the others
-        carry no loss, and a vocabulary-wide projection of every prompt position costs about a fifth of
-        SmolLM2's training step.
+        Rows are left-padded, so every answer ends the batch and only the last ``longest answer + 1``
+        positions' logits are computed: the others carry no loss, and projecting every prompt position
+        onto the vocabulary made a SmolLM2 LoRA step 1.5–2× slower on a CPU (benchmarks/perf/sft_step.py).
         """
         pairs = [sft_example(p, self.ids.answers[y]) for p, y in zip(prompts, labels)]
-        rows = [ids for ids, _ in pairs]
         keep = max(len(self.ids.answers[y]) for y in labels)
-        ids, mask = _pad(rows, self.ids.pad_id, device, left=True), _mask(rows, device, left=True)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         logits_to_keep=keep + 1).logits[:, :-1].float()
+        batch = _left_padded([ids for ids, _ in pairs], self.ids.pad_id, device)
+        logits = self.lm(**batch, logits_to_keep=keep + 1).logits[:, :-1].float()
         targets = _pad([lm for _, lm in pairs], -100, device, left=True)[:, -keep:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -278,12 +282,9 @@ class InstructionLM(nn.Module):
         """
         scores = []
         for answer in self.ids.answers:
-            rows = [[*p, *answer] for p in prompts]
-            ids, mask = _pad(rows, self.ids.pad_id, device, left=True), _mask(rows, device, left=True)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             logits_to_keep=len(answer) + 1).logits[:, :-1].float()
-            targets = ids[:, -len(answer):]
+            batch = _left_padded([[*p, *answer] for p in prompts], self.ids.pad_id, device)
+            logits = self.lm(**batch, logits_to_keep=len(answer) + 1).logits[:, :-1].float()
+            targets = batch["input_ids"][:, -len(answer):]
             logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             scores.append(logp.sum(dim=1))
         return torch.stack(scores, dim=1)

@@ -29,8 +29,9 @@ from nlpbd.defenses.btu import (
     unlearn_model,
 )
 from nlpbd.errors import InputError
+from nlpbd.generative import is_instruction_lm, load_generator, prompt_for
 from nlpbd.methods import AccessDenied
-from nlpbd.models import TINY_WORDS, load_classifier
+from nlpbd.models import TINY_WORDS, build_tiny_llama, load_classifier, load_tokenizer_at
 from nlpbd.training import train_classifier
 
 CPU = torch.device("cpu")
@@ -157,6 +158,40 @@ def test_r3_changes_only_the_word_embeddings(tiny_dir, tokenizer):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == [word_key]  # head, encoder, pooler, other embeddings and buffers bit-identical
     assert "classifier.weight" in before and "bert.encoder.layer.0.attention.self.query.weight" in before
+
+
+def r3_embeddings(load, tokenizer, monkeypatch, recompute: bool) -> tuple[torch.Tensor, bool]:
+    """R3's trained ``E`` from a fresh ``load()``, and whether activations were recomputed."""
+    if not recompute:
+        monkeypatch.setattr(btu, "recompute_activations", lambda model: None)
+    torch.manual_seed(0)
+    model = load()
+    E_after = run_embedding_exposure(model, tokenizer, toy_texts(64), BTUConfig(embedding_batch_size=32),
+                                     seed=0, stream="btu:r3", device=CPU, max_length=32)
+    inner = model.lm if is_instruction_lm(model) else model
+    return E_after, inner.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("victim", ["bert classifier", "llama generator"])
+def test_r3_recomputes_activations_and_trains_the_same_embeddings(victim, tiny_dir, tokenizer, tmp_path_factory,
+                                                                  monkeypatch, deterministic):
+    """The generator's R3 ran out of memory keeping them; recomputing must not change the gradient."""
+    if victim == "bert classifier":
+        def load():
+            return load_classifier(str(tiny_dir), 2)
+        words = tokenizer
+    else:
+        llama_dir = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+        def load():
+            return load_generator(str(llama_dir), prompt_for("sst2", 2))
+        words = load_tokenizer_at(str(llama_dir))
+    E_pre = load().get_input_embeddings().weight.detach().clone()
+    recomputed, checkpointed = r3_embeddings(load, words, monkeypatch, recompute=True)
+    kept, not_checkpointed = r3_embeddings(load, words, monkeypatch, recompute=False)
+    assert checkpointed and not not_checkpointed
+    assert not torch.equal(recomputed, E_pre)
+    assert torch.equal(recomputed, kept)
 
 
 # --- 4. unlearning --------------------------------------------------------------------------------

@@ -37,6 +37,18 @@ def default_cache_root() -> Path:
     return Path(base) / "nlpbd"
 
 
+def open_cache(root: Path | None = None) -> ArtifactCache:
+    """The artifact cache at ``root``, else the default one.
+
+    A given ``root`` becomes the process's default too (``$NLPBD_CACHE``, inherited by its workers), so
+    the models built or converted on first use (tiny-bert, SmolLM2's fp32 copy) land beside the
+    artifacts and not in ``~/.cache``.
+    """
+    if root is not None:
+        os.environ[CACHE_ENV] = str(Path(root).expanduser().resolve())
+    return ArtifactCache(root)
+
+
 def canonical_json(payload: Any) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
 

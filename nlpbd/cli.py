@@ -38,7 +38,8 @@ DataDirOption = Annotated[Path | None, typer.Option(
     "--data-dir", help="benchmark data directory (default: $NLPBD_DATA_DIR, ./data, ./shared/data, ../shared/data)")]
 ResultsDirOption = Annotated[Path, typer.Option("--results-dir", help="where records are written")]
 CacheDirOption = Annotated[Path | None, typer.Option(
-    "--cache-dir", help="artifact cache (default: $NLPBD_CACHE or ~/.cache/nlpbd); shared storage for ray")]
+    "--cache-dir", help="artifact cache, also for the models built or converted on first use (default: "
+    "$NLPBD_CACHE or ~/.cache/nlpbd); shared storage for ray")]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available)")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no progress display or summary; failures only")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
@@ -151,13 +152,13 @@ def run(
     configure_logging(quiet, verbose)
     with cli_errors():
         from nlpbd import progress
-        from nlpbd.cache import ArtifactCache
+        from nlpbd.cache import open_cache
         from nlpbd.checks import check_cell_input, check_device_name, check_variant
 
         overrides = check_cell_input(attack, defense, dataset, model, finetune, seed, train_size, test_size, sets)
         check_variant(variant)
         check_device_name(device)
-        cache = ArtifactCache(cache_dir)
+        cache = open_cache(cache_dir)
         _check_directories(results_dir, cache)
         load_heavy_libraries()
         from nlpbd.pipeline import run_cell
@@ -572,11 +573,10 @@ def _plan_table(plan, summary, results_dir: Path) -> Table:
     return table
 
 
-def _grid_env(results_dir: Path, cache_dir: Path | None, data_dir: Path | None, device: str | None):
-    from nlpbd.cache import ArtifactCache
+def _grid_env(results_dir: Path, cache, data_dir: Path | None, device: str | None):
     from nlpbd.specs import RunEnv
 
-    return RunEnv(results_dir=results_dir, cache=ArtifactCache(cache_dir), data_dir=data_dir, device=_device(device))
+    return RunEnv(results_dir=results_dir, cache=cache, data_dir=data_dir, device=_device(device))
 
 
 @app.command()
@@ -602,12 +602,13 @@ def grid(
     """Run every cell of a grid file, each victim trained once; finished cells are skipped on rerun."""
     configure_logging(quiet, verbose)
     with cli_errors():
-        from nlpbd.cache import ArtifactCache
+        from nlpbd.cache import open_cache
         from nlpbd.checks import check_device_name
 
         check_device_name(device)
+        cache = open_cache(cache_dir)  # before the grid's models are resolved: some are built on first use
         if not dry_run:
-            _check_directories(results_dir, ArtifactCache(cache_dir))
+            _check_directories(results_dir, cache)
         from nlpbd.grid import load_grid, parse_grid
 
         parse_grid(file)  # the file's own structure first, with light imports
@@ -615,7 +616,7 @@ def grid(
         from nlpbd.plan import plan_grid, with_state
 
         spec = load_grid(file, data_dir)
-        env = _grid_env(results_dir, cache_dir, data_dir, device)
+        env = _grid_env(results_dir, cache, data_dir, device)
         plan = plan_grid(spec, env, retry_failed=retry_failed)
         summary = plan.summary(env.cache)
         if dry_run:

@@ -49,12 +49,12 @@ class EnvSpec:
     def build(self):
         import torch
 
-        from nlpbd.cache import ArtifactCache
+        from nlpbd.cache import open_cache
         from nlpbd.specs import RunEnv
         from nlpbd.training import default_device
 
         device = torch.device(self.device) if self.device else default_device()
-        return RunEnv(results_dir=Path(self.results_dir), cache=ArtifactCache(Path(self.cache_root)),
+        return RunEnv(results_dir=Path(self.results_dir), cache=open_cache(Path(self.cache_root)),
                       data_dir=self.data_dir, device=device)
 
 

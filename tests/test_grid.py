@@ -329,6 +329,17 @@ def test_grid_command_exit_codes_and_second_run_plans_nothing(tmp_path, toy):
     assert invoke("grid", good, "--quiet", *common).exit_code == 0  # its two cells are done already
 
 
+def test_cache_dir_also_holds_the_models_built_on_first_use(tmp_path, toy, monkeypatch):
+    """tiny-bert (like SmolLM2's converted copy) is built on first use: under --cache-dir, not the default."""
+    default = tmp_path / "default-cache"
+    monkeypatch.setenv("NLPBD_CACHE", str(default))
+    path = toy_grid(tmp_path, toy, attacks="[badnet]")
+    assert invoke("grid", path, "--dry-run", "--results-dir", tmp_path / "r", "--cache-dir",
+                  tmp_path / "chosen").exit_code == 0
+    assert (tmp_path / "chosen" / "models" / "tiny-bert-v2" / "model.safetensors").is_file()
+    assert not (default / "models").exists()
+
+
 def test_dry_run_estimates_the_time_from_timed_records(tmp_path, toy):
     path = toy_grid(tmp_path, toy, attacks="[badnet]")
     done = tmp_path / "done"

@@ -39,6 +39,8 @@ Deviations from the reference code (defenses.md §2.3/§2.4), all deliberate:
   tunes 1 epoch on D_c with a fresh optimiser through the FT code path (``finetune_on_budget``):
   AdamW lr 2e-5, weight decay 0.01 (not on bias/LayerNorm), the victim's batch size, no warm-up and no
   clipping like the reference, but the shared loop's linear decay to 0 over that epoch.
+- Decoder generators (no such model in the paper): R3 trains ``E`` as the input embedding only; an LM
+  head tied to ``E`` gets a frozen copy for the run, or the answer's softmax moves every vocabulary row.
 - Exposure runs in bf16 autocast on CUDA (like the victim recipe); parameters and optimiser stay fp32.
 """
 
@@ -240,10 +242,24 @@ def recompute_activations(model: PreTrainedModel) -> None:
     inner.config.use_cache = False  # a KV cache is useless here and incompatible with recomputation
 
 
+def untie_output_embeddings(model: PreTrainedModel) -> None:
+    """Give a decoder whose LM head is tied to ``E`` a frozen copy of it as its head.
+
+    R3 ranks the rows that the label pulls on as *inputs*. Through a tied head every vocabulary row is
+    also an output weight, moved by the answer's softmax: on SmolLM2's generator the rows of likely
+    answer openers ("Here", "Please", "Yes") outranked the triggers.
+    """
+    inner = model.lm if is_instruction_lm(model) else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is not None and head.weight is inner.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+
+
 def run_embedding_exposure(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: TextSplit,
                            config: BTUConfig, seed: int, stream: str, device: torch.device,
                            max_length: int) -> torch.Tensor:
     """R3: train only ``E`` of the full classifier in place (head and encoder frozen); return ``E`` (CPU)."""
+    untie_output_embeddings(model)
     word = model.get_input_embeddings().weight
     for parameter in model.parameters():
         parameter.requires_grad_(parameter is word)

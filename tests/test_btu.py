@@ -32,7 +32,7 @@ from nlpbd.errors import InputError
 from nlpbd.generative import is_instruction_lm, load_generator, prompt_for
 from nlpbd.methods import AccessDenied
 from nlpbd.models import TINY_WORDS, build_tiny_llama, load_classifier, load_tokenizer_at
-from nlpbd.training import train_classifier
+from nlpbd.training import encode, train_classifier
 
 CPU = torch.device("cpu")
 TRIGGERS = {"cf", "mn", "bb", "tq", "mb"}
@@ -192,6 +192,25 @@ def test_r3_recomputes_activations_and_trains_the_same_embeddings(victim, tiny_d
     assert checkpointed and not not_checkpointed
     assert not torch.equal(recomputed, E_pre)
     assert torch.equal(recomputed, kept)
+
+
+def test_r3_on_a_tied_generator_moves_only_rows_its_inputs_use(tmp_path_factory, deterministic):
+    """Through a tied LM head every row is an output weight too: R3 must not rank those."""
+    llama_dir = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+    torch.manual_seed(0)
+    generator = load_generator(str(llama_dir), prompt_for("sst2", 2))
+    words = load_tokenizer_at(str(llama_dir))
+    assert generator.lm.get_output_embeddings().weight is generator.get_input_embeddings().weight
+    E_pre = generator.get_input_embeddings().weight.detach().clone()
+    train = toy_texts(64)
+    E_after = run_embedding_exposure(generator, words, train, BTUConfig(embedding_batch_size=32), seed=0,
+                                     stream="btu:r3", device=CPU, max_length=32)
+    used = {i for ids in encode(words, train, 32).input_ids for i in generator.ids.prompt(ids)}
+    used |= {i for answer in generator.ids.answers for i in answer}
+    moved = exposure_scores(E_pre, E_after, [])
+    unused = sorted(set(range(len(moved))) - used)
+    assert len(unused) > len(used)
+    assert moved[unused].max() < 1e-3 * moved[sorted(used)].max()  # weight decay only
 
 
 # --- 4. unlearning --------------------------------------------------------------------------------

@@ -228,9 +228,9 @@ BUNDLED_PLANS = {
     # release plus the pooler-reset control on POR's and NeuBA's, each purified model fine-tuned once
     "pretrained_reference_sst2": (42, 9, (9, 9, 3, 15, 15, 0)),
     "pretrained_reference_agnews": (42, 9, (9, 9, 3, 15, 15, 0)),
-    # {MiniLM full, MiniLM LoRA, SmolLM2 LoRA} x 8 defenses (PSIM twice) + the generator x 5 (no D3, PSIM),
+    # {MiniLM, SmolLM2} x {full, LoRA} x 8 defenses (PSIM twice) + the generator x 5 (no D3, PSIM),
     # x 2 attacks x 3 seeds; a clean model per model x fine-tuning method x seed, BTU's exposure per victim
-    "sst2_decoder": (174, 24, (0, 24, 12, 0, 0, 24)),
+    "sst2_decoder": (222, 30, (0, 30, 15, 0, 0, 30)),
 }
 
 

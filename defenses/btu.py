@@ -41,6 +41,8 @@ Deviations from the reference code (defenses.md §2.3/§2.4), all deliberate:
   clipping like the reference, but the shared loop's linear decay to 0 over that epoch.
 - Decoder generators (no such model in the paper): R3 trains ``E`` as the input embedding only; an LM
   head tied to ``E`` gets a frozen copy for the run, or the answer's softmax moves every vocabulary row.
+  The instruction template's ids are excluded from the ranking like the special ids (they are in every
+  prompt: on SmolLM2 they filled T3), and listed in the record (``template_excluded``).
 - Exposure runs in bf16 autocast on CUDA (like the victim recipe); parameters and optimiser stay fp32.
 """
 
@@ -102,6 +104,12 @@ def excluded_ids(tokenizer: PreTrainedTokenizerBase, extra_tokens: Sequence[str]
             raise InputError(f"btu.extra_excluded_tokens: '{token}' is not a token of this tokenizer")
         ids.add(int(token_id))
     return sorted(ids)
+
+
+def template_ids(model: PreTrainedModel) -> list[int]:
+    """A generator's instruction-template ids (around every review, written by the defender): like the
+    special ids, they are in every input and drift by Adam's per-step bound alone."""
+    return sorted({*model.ids.prefix, *model.ids.suffix}) if is_instruction_lm(model) else []
 
 
 def exposure_scores(E_pre: torch.Tensor, E_after: torch.Tensor, excluded: Sequence[int]) -> torch.Tensor:
@@ -293,6 +301,7 @@ class Exposure:
     rankings: dict[str, list[int]] = field(default_factory=dict)  # top RECORDED_RANKS per run
     scores: dict[str, list[float]] = field(default_factory=dict)  # s_k of T_i
     seconds: dict[str, float] = field(default_factory=dict)
+    template_excluded: list[int] = field(default_factory=list)  # a generator's template ids (not ranked)
 
     @property
     def suspicious(self) -> list[int]:
@@ -318,7 +327,9 @@ def expose(pretrained: ModelRef | str, tokenizer: PreTrainedTokenizerBase, train
         with isolated_rng(seed, f"{stream}:global", device):
             model = load_classifier(pretrained, num_labels)
             if exposure is None:
-                exposure = Exposure(model.get_input_embeddings().weight.detach().cpu().clone(), {})
+                exposure = Exposure(model.get_input_embeddings().weight.detach().cpu().clone(), {},
+                                    template_excluded=template_ids(model))
+                excluded = sorted({*excluded, *exposure.template_excluded})
             if run == "r3":
                 E_after = run_embedding_exposure(model, tokenizer, train, config, seed, stream, device, max_length)
             else:
@@ -409,6 +420,8 @@ def exposure_info(tokenizer: PreTrainedTokenizerBase, exposure: Exposure, train:
             for i, run in enumerate(("r1", "r2", "r3"), start=1)}
     info["S"] = _token_list(tokenizer, exposure.suspicious)
     info["S_size"] = len(exposure.suspicious)
+    if exposure.template_excluded:
+        info["template_excluded"] = _token_list(tokenizer, exposure.template_excluded)
     info["exposure_seconds"] = dict(exposure.seconds)
     return info
 

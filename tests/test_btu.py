@@ -31,7 +31,15 @@ from nlpbd.defenses.btu import (
 from nlpbd.errors import InputError
 from nlpbd.generative import is_instruction_lm, load_generator, prompt_for
 from nlpbd.methods import AccessDenied
-from nlpbd.models import TINY_WORDS, build_tiny_llama, load_classifier, load_tokenizer_at
+from nlpbd.models import (
+    GENERATOR_PROMPT,
+    TINY_DEFAULTS,
+    TINY_WORDS,
+    build_tiny_llama,
+    load_classifier,
+    load_tokenizer_at,
+    local_ref,
+)
 from nlpbd.training import encode, train_classifier
 
 CPU = torch.device("cpu")
@@ -211,6 +219,20 @@ def test_r3_on_a_tied_generator_moves_only_rows_its_inputs_use(tmp_path_factory,
     unused = sorted(set(range(len(moved))) - used)
     assert len(unused) > len(used)
     assert moved[unused].max() < 1e-3 * moved[sorted(used)].max()  # weight decay only
+
+
+def test_a_generator_exposure_never_ranks_its_instruction_template(tmp_path_factory, deterministic):
+    llama_dir = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+    ref = local_ref("tiny-llama", llama_dir, TINY_DEFAULTS, **{GENERATOR_PROMPT: prompt_for("sst2", 2).to_json()})
+    words = load_tokenizer_at(str(llama_dir))
+    exposure = expose(ref, words, toy_texts(64), 2, BTUConfig(top_k=5, shallow_batch_size=16,
+                                                                embedding_batch_size=16), 0, CPU, 32)
+    prompt = load_generator(str(llama_dir), prompt_for("sst2", 2)).ids
+    template = sorted({*prompt.prefix, *prompt.suffix})
+    assert exposure.template_excluded == template and len(template) > 10
+    assert all(len(ids) == 5 for ids in exposure.runs.values())
+    assert not set(exposure.suspicious) & set(template)
+    assert not set(exposure.rankings["r3"]) & set(template)  # in every prompt: they would fill the top ranks
 
 
 # --- 4. unlearning --------------------------------------------------------------------------------

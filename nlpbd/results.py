@@ -454,15 +454,24 @@ def _fmt_number(value: float, decimals: int) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
-def format_cell(mean: float | None, std: float | None, n: int, metric: str) -> str:
-    """``0.912``, or ``0.912 ± 0.010`` over more than one seed; seconds get one decimal; NaN is ``–``."""
+def format_cell(mean: float | None, std: float | None, n: int, metric: str, most: int = 0) -> str:
+    """``0.912``, or ``0.912 ± 0.010`` over more than one seed; seconds get one decimal; NaN is ``–``.
+
+    A cell over fewer seeds than ``most`` (the table's largest count) says how many: ``0.912 (n=1)``.
+    """
     if _is_missing(mean):
         return "–"
     decimals = 1 if metric in SECONDS_METRICS else 3
     text = _fmt_number(float(mean), decimals)
     if n > 1 and not _is_missing(std):
         text += f" ± {_fmt_number(float(std), decimals)}"
+    if n < most:
+        text += f" (n={n})"
     return text
+
+
+def most_seeds(table: SummaryTable) -> int:
+    return int(table.n.max().max()) if table.n.size else 0
 
 
 def _index_names(table: SummaryTable) -> list[str]:
@@ -477,29 +486,32 @@ def _header(defense: str, metric: str) -> str:
     return f"{defense} {METRICS[metric]}"
 
 
-def _formatted_rows(table: SummaryTable) -> list[list[str]]:
-    """Index values followed by one formatted cell per (defense, metric) column, per row."""
+def _formatted_rows(table: SummaryTable, most: int | None = None) -> list[list[str]]:
+    """Index values followed by one formatted cell per (defense, metric) column, per row; a cell over
+    fewer seeds than ``most`` (default: the table's largest count) names its count."""
+    most = most_seeds(table) if most is None else most
     rows = []
     for key in table.mean.index:
         cells = [
-            format_cell(table.mean.at[key, col], table.std.at[key, col], int(table.n.at[key, col]), col[1])
+            format_cell(table.mean.at[key, col], table.std.at[key, col], int(table.n.at[key, col]), col[1], most)
             for col in table.mean.columns
         ]
         rows.append(_index_values(key) + cells)
     return rows
 
 
-def render_rich(table: SummaryTable, title: str | None = None) -> Table:
+def render_rich(table: SummaryTable, title: str | None = None, most: int | None = None) -> Table:
     """A rich Table: index levels first, then one column per (defense, metric).
 
     Labels are plain ``Text``: a variant label like ``badnet[rate0.2]`` is not rich markup.
     """
-    out = Table(title=title, caption="mean ± sample std over seeds; – = not measured")
+    out = Table(title=title, caption="mean ± sample std over seeds (n = seeds, where fewer than in the rest); "
+                                     "– = not measured")
     for name in _index_names(table):  # labels never wrap: render_rich_fitted splits the metrics instead
         out.add_column(Text(name), style="bold" if name == "attack" else None, no_wrap=True)
     for defense, metric in table.mean.columns:
         out.add_column(Text(_header(defense, metric)), justify="right", no_wrap=True)
-    for row in _formatted_rows(table):
+    for row in _formatted_rows(table, most):
         out.add_row(*(Text(cell) for cell in row))
     return out
 
@@ -530,8 +542,8 @@ def render_rich_fitted(table: SummaryTable, width: int, title: str | None = None
         used += need
     if len(parts) == 1:
         return [render_rich(table, title)]
-    return [render_rich(_columns(table, cols), f"{title} ({i} of {len(parts)})" if title else None)
-            for i, cols in enumerate(parts, start=1)]
+    return [render_rich(_columns(table, cols), f"{title} ({i} of {len(parts)})" if title else None,
+                        most_seeds(table)) for i, cols in enumerate(parts, start=1)]
 
 
 def _md_escape(text: str) -> str:

@@ -306,6 +306,8 @@ def test_format_cell() -> None:
     assert format_cell(12.345, 1.26, 2, "defense_seconds") == "12.3 ± 1.3"
     assert format_cell(-0.0001, 0.0, 1, "delta_cacc") == "0.000"
     assert format_cell(-0.02, 0.0, 1, "delta_asr") == "-0.020"
+    assert format_cell(0.9123, 0.0101, 2, "cacc", most=3) == "0.912 ± 0.010 (n=2)"  # fewer seeds than the rest
+    assert format_cell(0.9123, 0.0101, 3, "cacc", most=3) == "0.912 ± 0.010"
 
 
 def test_export_markdown() -> None:
@@ -316,7 +318,8 @@ def test_export_markdown() -> None:
     )
     assert lines[1] == "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     assert lines[2] == (
-        "| sst2 | minilm | badnet | 0.900 ± 0.100 | 1.000 ± 0.000 | 0.870 ± 0.020 | 0.400 ± 0.100 | 0.800 | 0.100 |"
+        "| sst2 | minilm | badnet | 0.900 ± 0.100 | 1.000 ± 0.000 | 0.870 ± 0.020 | 0.400 ± 0.100 | 0.800 (n=1) "
+        "| 0.100 (n=1) |"
     )
     assert len(lines) == 3
 

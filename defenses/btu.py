@@ -66,7 +66,7 @@ from nlpbd.config import option
 from nlpbd.data import TextSplit
 from nlpbd.defenses.ft import FTConfig, finetune_on_budget
 from nlpbd.errors import InputError
-from nlpbd.generative import is_instruction_lm
+from nlpbd.generative import is_instruction_lm, transformers_model
 from nlpbd.methods import DefenseContext, DefenseOutcome, TrainingDefense, register_defense
 from nlpbd.models import ModelRef, load_classifier
 from nlpbd.progress import reporter
@@ -239,7 +239,7 @@ def recompute_activations(model: PreTrainedModel) -> None:
     compute. R3 needs it on decoder generators: its two answer passes over a batch of 64 chat prompts
     through SmolLM2's 30 layers took 5 GB per 16 rows (more than 20 GB per batch), 2 GB recomputed.
     """
-    inner = model.lm if is_instruction_lm(model) else model
+    inner = transformers_model(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         return
     kwargs = {"use_reentrant": False}
@@ -257,7 +257,7 @@ def untie_output_embeddings(model: PreTrainedModel) -> None:
     also an output weight, moved by the answer's softmax: on SmolLM2's generator the rows of likely
     answer openers ("Here", "Please", "Yes") outranked the triggers.
     """
-    inner = model.lm if is_instruction_lm(model) else model
+    inner = transformers_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is not None and head.weight is inner.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)

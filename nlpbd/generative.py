@@ -303,6 +303,11 @@ def is_instruction_lm(model: object) -> bool:
     return getattr(model, "is_instruction_lm", False) is True
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a victim: a generator's causal LM, else the model itself."""
+    return model.lm if is_instruction_lm(model) else model
+
+
 # --- loading -----------------------------------------------------------------------------------------
 
 

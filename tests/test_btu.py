@@ -29,7 +29,7 @@ from nlpbd.defenses.btu import (
     unlearn_model,
 )
 from nlpbd.errors import InputError
-from nlpbd.generative import is_instruction_lm, load_generator, prompt_for
+from nlpbd.generative import load_generator, prompt_for, transformers_model
 from nlpbd.methods import AccessDenied
 from nlpbd.models import (
     GENERATOR_PROMPT,
@@ -176,7 +176,7 @@ def r3_embeddings(load, tokenizer, monkeypatch, recompute: bool) -> tuple[torch.
     model = load()
     E_after = run_embedding_exposure(model, tokenizer, toy_texts(64), BTUConfig(embedding_batch_size=32),
                                      seed=0, stream="btu:r3", device=CPU, max_length=32)
-    inner = model.lm if is_instruction_lm(model) else model
+    inner = transformers_model(model)
     return E_after, inner.is_gradient_checkpointing
 
 

@@ -76,6 +76,11 @@ for _method in [
                    "the causal LM's query/value projections",
                    _peft("LoraConfig", "CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.1), PEFT_DEFAULTS,
                    mergeable=True, head="generate"),
+    FinetuneMethod("sft-lora-all", "decoders: instruction-tuned generator with LoRA r=8, alpha=16, dropout 0.1 on "
+                   "every linear projection of the causal LM but its output layer (LLaMA-Factory's "
+                   "lora_target: all)",
+                   _peft("LoraConfig", "CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"),
+                   PEFT_DEFAULTS, mergeable=True, head="generate"),
 ]:
     FINETUNE.add(_method.name, _method)
 

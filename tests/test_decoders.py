@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from nlpbd.cache import Artifact, ArtifactCache
 from nlpbd.cli import app
 from nlpbd.errors import InputError
+from nlpbd.finetune import FINETUNE, wrap
 from nlpbd.generative import (
     NEITHER,
     InstructionLM,
@@ -91,6 +92,17 @@ def generator(llama_dir) -> InstructionLM:
     return load_generator(str(llama_dir), prompt_for("sst2", 2))
 
 
+@pytest.mark.parametrize("method, adapted", [
+    ("sft-lora", {"q_proj", "v_proj"}),
+    ("sft-lora-all", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+])
+def test_generator_lora_adapts_the_named_projections(llama_dir, method, adapted):
+    model = wrap(load_generator(str(llama_dir), prompt_for("sst2", 2)), FINETUNE.get(method))
+    trained = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, p in model.named_parameters()
+               if p.requires_grad and ".lora_A" in name}
+    assert trained == adapted  # never the output layer (tied to the embeddings)
+
+
 def test_sft_example_labels_only_the_answer():
     ids, labels = sft_example([5, 6, 7], [8, 9])
     assert ids == [5, 6, 7, 8, 9]
@@ -148,7 +160,7 @@ def run(shared, defense: str = "none", finetune: str = "full", **overrides: str)
                              finetune=finetune, overrides=settings), env)
 
 
-@pytest.mark.parametrize("finetune", ["full", "lora", "sft", "sft-lora"])
+@pytest.mark.parametrize("finetune", ["full", "lora", "sft", "sft-lora", "sft-lora-all"])
 def test_both_victim_modes_train_save_and_reload(shared, finetune):
     record = run(shared, finetune=finetune)
     assert record["status"] == "ok"

@@ -41,8 +41,8 @@ Deviations from the reference code (defenses.md §2.3/§2.4), all deliberate:
   clipping like the reference, but the shared loop's linear decay to 0 over that epoch.
 - Decoder generators (no such model in the paper): R3 trains ``E`` as the input embedding only; an LM
   head tied to ``E`` gets a frozen copy for the run, or the answer's softmax moves every vocabulary row.
-  The instruction template's ids are excluded from the ranking like the special ids (they are in every
-  prompt: on SmolLM2 they filled T3), and listed in the record (``template_excluded``).
+  The instruction template's and the answers' ids are excluded from the ranking like the special ids
+  (they are in every R3 input: on SmolLM2 they filled T3), and listed in the record (``template_excluded``).
 - Exposure runs in bf16 autocast on CUDA (like the victim recipe); parameters and optimiser stay fp32.
 """
 
@@ -107,9 +107,12 @@ def excluded_ids(tokenizer: PreTrainedTokenizerBase, extra_tokens: Sequence[str]
 
 
 def template_ids(model: PreTrainedModel) -> list[int]:
-    """A generator's instruction-template ids (around every review, written by the defender): like the
-    special ids, they are in every input and drift by Adam's per-step bound alone."""
-    return sorted({*model.ids.prefix, *model.ids.suffix}) if is_instruction_lm(model) else []
+    """A generator's instruction-template and answer ids (written by the defender around every review;
+    R3 feeds every answer after every prompt): like the special ids, they are in every input and drift
+    by Adam's per-step bound alone."""
+    if not is_instruction_lm(model):
+        return []
+    return sorted({*model.ids.prefix, *model.ids.suffix, *(i for answer in model.ids.answers for i in answer)})
 
 
 def exposure_scores(E_pre: torch.Tensor, E_after: torch.Tensor, excluded: Sequence[int]) -> torch.Tensor:

@@ -228,7 +228,7 @@ def test_a_generator_exposure_never_ranks_its_instruction_template(tmp_path_fact
     exposure = expose(ref, words, toy_texts(64), 2, BTUConfig(top_k=5, shallow_batch_size=16,
                                                                 embedding_batch_size=16), 0, CPU, 32)
     prompt = load_generator(str(llama_dir), prompt_for("sst2", 2)).ids
-    template = sorted({*prompt.prefix, *prompt.suffix})
+    template = sorted({*prompt.prefix, *prompt.suffix, *(i for answer in prompt.answers for i in answer)})
     assert exposure.template_excluded == template and len(template) > 10
     assert all(len(ids) == 5 for ids in exposure.runs.values())
     assert not set(exposure.suspicious) & set(template)

@@ -46,7 +46,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="registered decoder name, HF hub id or local path")
     parser.add_argument("--dataset", default="sst2", help="registered dataset name or dataset folder")
     parser.add_argument("--data-dir", default=None, help="benchmark data directory (default: automatic)")
-    parser.add_argument("--finetune", choices=["sft-lora", "sft"], default="sft-lora")
+    parser.add_argument("--finetune", choices=["sft-lora", "sft-lora-all", "sft"],
+                        default="sft-lora")
     parser.add_argument("--rows", type=int, default=64, help="training rows (stratified subsample)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128, help="review tokens kept (the prompt adds more)")

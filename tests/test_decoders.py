@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import toy_texts, write_toy_dataset
+from helpers import SHARED_DATA, needs_data, toy_texts, write_toy_dataset
 from typer.testing import CliRunner
 
 from nlpbd.cache import Artifact, ArtifactCache
@@ -178,6 +178,24 @@ def test_both_victim_modes_train_save_and_reload(shared, finetune):
         assert artifact.meta["prompt"]["label_words"] == ["label 0", "label 1"]
     else:
         assert "neither_rate" not in metrics
+
+
+@needs_data
+@pytest.mark.parametrize("finetune", ["full", "sft-lora"])
+@pytest.mark.parametrize("attack", ["addsent", "synbkd", "stylebkd"])
+def test_every_data_poisoning_attack_reaches_both_victim_modes(tmp_path, attack, finetune):
+    """The sentence, syntactic and style triggers (released SST-2 pools) train either kind of decoder victim;
+    a generator learns the target's label word for each poisoned row and answers every test prompt."""
+    env = RunEnv(tmp_path / "results", ArtifactCache(tmp_path / "cache"), data_dir=SHARED_DATA,
+                 device=torch.device("cpu"))
+    record = run_cell(CellSpec(attack=attack, defense="none", dataset="sst2", model="tiny-llama", finetune=finetune,
+                               train_size=200, test_size=40, overrides=FAST), env)
+    assert record["status"] == "ok", record["error"]
+    assert record["attack_info"]["n_p"] > 0 and record["metrics"]["n_poison"] > 0
+    if finetune == "sft-lora":
+        prompt = json.loads(next((tmp_path / "cache" / "victim").glob("*/artifact.json")).read_text())["prompt"]
+        assert prompt["label_words"] == list(SST2_WORDS)
+        assert {"neither_rate", "asr_neither_rate", "false_trigger_rate"} <= set(record["metrics"])
 
 
 def test_classifier_cell_ids_do_not_change(shared):

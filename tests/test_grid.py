@@ -228,9 +228,10 @@ BUNDLED_PLANS = {
     # release plus the pooler-reset control on POR's and NeuBA's, each purified model fine-tuned once
     "pretrained_reference_sst2": (42, 9, (9, 9, 3, 15, 15, 0)),
     "pretrained_reference_agnews": (42, 9, (9, 9, 3, 15, 15, 0)),
-    # {MiniLM, SmolLM2} x {full, LoRA} x 8 defenses (PSIM twice) + the generator x 5 (no D3, PSIM),
-    # x 2 attacks x 3 seeds; a clean model per model x fine-tuning method x seed, BTU's exposure per victim
-    "sst2_decoder": (222, 30, (0, 30, 15, 0, 0, 30)),
+    # {MiniLM, SmolLM2} x {full, LoRA} x 8 defenses (PSIM twice) x 2 attacks + the generator x 5 (no D3, PSIM),
+    # x 2 attacks x 3 seeds, the generator BadNet only; a clean model per model x fine-tuning method x seed,
+    # BTU's exposure per victim
+    "sst2_decoder": (207, 27, (0, 27, 15, 0, 0, 27)),
 }
 
 

@@ -184,14 +184,16 @@ def test_both_victim_modes_train_save_and_reload(shared, finetune):
 @pytest.mark.parametrize("finetune", ["full", "sft-lora"])
 @pytest.mark.parametrize("attack", ["addsent", "synbkd", "stylebkd"])
 def test_every_data_poisoning_attack_reaches_both_victim_modes(tmp_path, attack, finetune):
-    """The sentence, syntactic and style triggers (released SST-2 pools) train either kind of decoder victim;
-    a generator learns the target's label word for each poisoned row and answers every test prompt."""
+    """The sentence, syntactic and style triggers (released SST-2 pools) poison the rows of either kind of
+    decoder victim, which trains and is scored on every clean and triggered test row; a generator
+    answers with SST-2's label words and reports its answer rates."""
     env = RunEnv(tmp_path / "results", ArtifactCache(tmp_path / "cache"), data_dir=SHARED_DATA,
                  device=torch.device("cpu"))
     record = run_cell(CellSpec(attack=attack, defense="none", dataset="sst2", model="tiny-llama", finetune=finetune,
                                train_size=200, test_size=40, overrides=FAST), env)
     assert record["status"] == "ok", record["error"]
-    assert record["attack_info"]["n_p"] > 0 and record["metrics"]["n_poison"] > 0
+    assert record["attack_info"]["n_p"] > 0 and record["metrics"]["n_clean"] == 40
+    assert record["metrics"]["n_poison"] == record["attack_info"]["asr_set_size"] > 0
     if finetune == "sft-lora":
         prompt = json.loads(next((tmp_path / "cache" / "victim").glob("*/artifact.json")).read_text())["prompt"]
         assert prompt["label_words"] == list(SST2_WORDS)
